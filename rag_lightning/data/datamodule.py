@@ -1,0 +1,193 @@
+"""RagDataModule: QA sets tokenised once, batched for every stage (fit, validate, test, predict)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from rag_lightning.config import ConfigError
+from rag_lightning.data.readers import QAExample, read_qa
+
+
+@dataclass
+class EncodedQA:
+    """One QA example with its token ids for both tokenizers (computed once, at setup)."""
+
+    example: QAExample
+    question_encoder_ids: list[int]  # retriever tokenizer, with [CLS] ... [SEP]
+    question_generator_ids: list[int]  # generator tokenizer, no special tokens
+    target_ids: list[int]  # generator tokenizer: first answer + </s>
+
+
+class QADataset(Dataset):
+    def __init__(self, items: Sequence[EncodedQA]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> EncodedQA:
+        return self.items[i]
+
+
+def encode_examples(
+    examples: Sequence[QAExample],
+    question_tokenizer: PreTrainedTokenizerBase,
+    generator_tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_question_length: int,
+    max_answer_length: int,
+) -> list[EncodedQA]:
+    """Tokenise questions for both models and the first answer as the target, in one batched call each."""
+    questions = [ex.question for ex in examples]
+    q_enc = question_tokenizer(questions, truncation=True, max_length=max_question_length)["input_ids"]
+    q_gen = generator_tokenizer(
+        questions, add_special_tokens=False, truncation=True, max_length=max_question_length
+    )["input_ids"]
+    answers = [ex.answers[0] if ex.answers else "" for ex in examples]
+    a_gen = generator_tokenizer(
+        answers, add_special_tokens=False, truncation=True, max_length=max_answer_length - 1
+    )["input_ids"]
+    eos = generator_tokenizer.eos_token_id
+    return [
+        EncodedQA(ex, list(qe), list(qg), list(a) + [eos])
+        for ex, qe, qg, a in zip(examples, q_enc, q_gen, a_gen, strict=True)
+    ]
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), max(length, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class Collator:
+    """Pads a list of EncodedQA into the tensors a RAG step needs; strings ride along for metrics."""
+
+    def __init__(self, question_pad_id: int, generator_pad_id: int, decoder_start_id: int) -> None:
+        self.question_pad_id = question_pad_id
+        self.generator_pad_id = generator_pad_id
+        self.decoder_start_id = decoder_start_id
+
+    def __call__(self, items: Sequence[EncodedQA]) -> dict:
+        q_ids, q_mask = _pad([it.question_encoder_ids for it in items], self.question_pad_id)
+        qg_ids, qg_mask = _pad([it.question_generator_ids for it in items], self.generator_pad_id)
+        labels, _ = _pad([it.target_ids for it in items], self.generator_pad_id)
+        decoder_input_ids = torch.full_like(labels, self.generator_pad_id)
+        decoder_input_ids[:, 0] = self.decoder_start_id
+        decoder_input_ids[:, 1:] = labels[:, :-1]
+        return {
+            "question_input_ids": q_ids,
+            "question_attention_mask": q_mask,
+            "question_generator_ids": qg_ids,
+            "question_generator_mask": qg_mask,
+            "labels": labels,
+            "decoder_input_ids": decoder_input_ids,
+            "ids": [it.example.id for it in items],
+            "questions": [it.example.question for it in items],
+            "answers": [list(it.example.answers) for it in items],
+            "gold_passage_ids": [list(it.example.gold_passage_ids) for it in items],
+        }
+
+
+class RagDataModule(L.LightningDataModule):
+    """QA sets for fit/validate/test/predict; the per-device batch is the global batch / world size."""
+
+    def __init__(
+        self,
+        *,
+        train_file: str | None,
+        val_file: str | None,
+        test_files: dict[str, str],
+        question_tokenizer: PreTrainedTokenizerBase,
+        generator_tokenizer: PreTrainedTokenizerBase,
+        global_batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        max_question_length: int = 64,
+        max_answer_length: int = 32,
+        skip_bad_rows: bool = False,
+    ) -> None:
+        super().__init__()
+        self.files = {"train": train_file, "val": val_file, **test_files}
+        self.question_tokenizer = question_tokenizer
+        self.generator_tokenizer = generator_tokenizer
+        self.global_batch_size = global_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.max_question_length = max_question_length
+        self.max_answer_length = max_answer_length
+        self.skip_bad_rows = skip_bad_rows
+        self.test_split = "test"
+        self.predict_examples: list[QAExample] | None = None
+        self._datasets: dict[str, QADataset] = {}
+        self.collate = Collator(
+            question_tokenizer.pad_token_id,
+            generator_tokenizer.pad_token_id,
+            generator_tokenizer.eos_token_id,  # BART starts decoding from </s>
+        )
+
+    def dataset(self, split: str) -> QADataset:
+        """The encoded split, read and tokenised on first use."""
+        if split not in self._datasets:
+            path = self.files.get(split)
+            if not path:
+                raise ConfigError(f"no QA file is configured for split {split!r} (data.{split}_file)")
+            if not Path(path).is_file():
+                raise ConfigError(f"QA file for split {split!r} not found: {path}")
+            self._datasets[split] = self._encode(read_qa(path, skip_bad_rows=self.skip_bad_rows))
+        return self._datasets[split]
+
+    def _encode(self, examples: Sequence[QAExample]) -> QADataset:
+        return QADataset(
+            encode_examples(
+                examples,
+                self.question_tokenizer,
+                self.generator_tokenizer,
+                max_question_length=self.max_question_length,
+                max_answer_length=self.max_answer_length,
+            )
+        )
+
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.global_batch_size % world:
+            raise ConfigError(
+                f"loader.global_batch_size={self.global_batch_size} is not divisible by the world size "
+                f"({world} processes); choose a multiple of {world}"
+            )
+        return self.global_batch_size // world
+
+    def _loader(self, dataset: QADataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.per_device_batch_size(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset(self.test_split), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_examples is None:
+            raise ValueError("set predict_examples before predicting")
+        return self._loader(self._encode(self.predict_examples), self.eval_batch_size, shuffle=False)

@@ -1,0 +1,354 @@
+"""RagModule: wires the question encoder, the retriever and the generator to the pure RAG functions.
+
+The math lives in `marginalize.py` and `decoding.py`; this module only moves tensors between them,
+logs, and sets up optimisation.  The retriever (FAISS index + corpus store) is attached, not owned:
+it is not a parameter and never enters a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from rag_lightning import metrics
+from rag_lightning.config import Mode, ModelConfig
+from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
+from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
+
+
+def with_specials(ids: torch.Tensor, mask: torch.Tensor, bos: int, eos: int, pad: int):
+    """`<s> ids </s>` per row, right-padded: the closed-book generator's input."""
+    lengths = mask.sum(dim=1)
+    out = torch.full((ids.shape[0], ids.shape[1] + 2), pad, dtype=ids.dtype, device=ids.device)
+    out[:, 0] = bos
+    out[:, 1 : ids.shape[1] + 1] = torch.where(mask.bool(), ids, torch.full_like(ids, pad))
+    out[torch.arange(ids.shape[0], device=ids.device), lengths + 1] = eos
+    mask = torch.arange(out.shape[1], device=ids.device)[None, :] <= lengths[:, None] + 1
+    return out, mask.long()
+
+
+def contrastive_retrieval_loss(
+    question_vectors: torch.Tensor, gold_vectors: torch.Tensor, gold_rows: torch.Tensor
+) -> torch.Tensor:
+    """DPR's in-batch negative loss on the examples that name a gold passage.
+
+    question_vectors (B, d) and gold_vectors (B, d) pair each question with its gold passage; questions
+    that share a gold passage count every copy as positive (gold_rows (B,) are their corpus rows).
+    """
+    scores = question_vectors @ gold_vectors.T
+    positives = gold_rows[:, None] == gold_rows[None, :]
+    log_p = torch.log_softmax(scores.float(), dim=-1)
+    return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+
+
+class RagModule(L.LightningModule):
+    def __init__(
+        self,
+        question_encoder: nn.Module,
+        generator: nn.Module,
+        config: ModelConfig,
+        *,
+        generator_tokenizer: Any,
+        retriever: Any = None,
+        predictions_dir: str | None = None,
+        sample_table_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.question_encoder = question_encoder
+        self.generator = generator
+        self.cfg = config
+        self.tokenizer = generator_tokenizer
+        self.retriever = retriever
+        self.predictions_dir = predictions_dir
+        self.sample_table_size = sample_table_size
+        self.eval_split = "val"
+        self.val_samples: list[dict] = []
+        self._predictions: list[dict] = []
+        self.pad_id = generator_tokenizer.pad_token_id
+        self.bos_id = generator_tokenizer.bos_token_id
+        self.eos_id = generator_tokenizer.eos_token_id
+        if config.gradient_checkpointing:
+            generator.gradient_checkpointing_enable()
+            question_encoder.gradient_checkpointing_enable()
+        # plain types only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"model": json.loads(json.dumps(asdict(config), default=str))})
+
+    # ---------------------------------------------------------------- pieces of a step
+    @property
+    def mode(self) -> Mode:
+        return Mode(self.cfg.mode)
+
+    def question_encoder_frozen(self) -> bool:
+        return self.cfg.freeze_question_encoder or self.global_step < self.cfg.question_encoder_warmup_steps
+
+    def encode_questions(self, batch: dict) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.question_encoder_frozen()):
+            out = self.question_encoder(
+                input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
+            )
+        return out.pooler_output
+
+    def retrieve(self, batch: dict, n_docs: int) -> dict:
+        """Top-k passages, their scores (differentiable w.r.t. the question encoder) and the contexts."""
+        if self.retriever is None:
+            raise RuntimeError("RagModule has no retriever attached; build it with rag_lightning.factory")
+        q = self.encode_questions(batch)
+        found = self.retriever.retrieve(q.detach(), n_docs)
+        doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
+        lengths = batch["question_generator_mask"].sum(dim=1).tolist()
+        question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]
+        ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
+        return {
+            "question_vectors": q,
+            "rows": found.rows,
+            "passage_ids": found.passage_ids,
+            "doc_scores": doc_scores,
+            "context_input_ids": ctx_ids.to(q.device),
+            "context_attention_mask": ctx_mask.to(q.device),
+        }
+
+    def nll(self, batch: dict, n_docs: int, reduction: str) -> tuple[torch.Tensor, dict | None]:
+        labels, dec_in = batch["labels"], batch["decoder_input_ids"]
+        common = {"pad_token_id": self.pad_id, "label_smoothing": self.cfg.label_smoothing}
+        if self.mode == Mode.closed_book:
+            ids, mask = with_specials(
+                batch["question_generator_ids"], batch["question_generator_mask"], self.bos_id, self.eos_id, self.pad_id
+            )
+            logits = self.generator(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in).logits
+            return closed_book_nll(logits, labels, reduction=reduction, **common), None
+        ret = self.retrieve(batch, n_docs)
+        logits = self.generator(
+            input_ids=ret["context_input_ids"],
+            attention_mask=ret["context_attention_mask"],
+            decoder_input_ids=dec_in.repeat_interleave(n_docs, dim=0),
+        ).logits
+        if self.mode == Mode.rag_token:
+            loss = rag_token_nll(logits, ret["doc_scores"], labels, reduction=reduction, **common)
+        else:
+            loss = rag_sequence_nll(
+                logits,
+                ret["doc_scores"],
+                labels,
+                exclude_bos_score=self.cfg.exclude_bos_score,
+                bos_token_id=self.bos_id,
+                reduction=reduction,
+                **common,
+            )
+        return loss, ret
+
+    def retrieval_loss(self, batch: dict, ret: dict) -> torch.Tensor | None:
+        """The optional multi-task term: the retriever's contrastive loss where gold passages are known."""
+        keep, gold_rows = [], []
+        for i, gold in enumerate(batch["gold_passage_ids"]):
+            row = self.retriever.store.row_of(gold[0]) if gold else None
+            if row is not None:
+                keep.append(i)
+                gold_rows.append(row)
+        if len(keep) < 2:
+            return None
+        q = ret["question_vectors"][keep]
+        gold = torch.from_numpy(self.retriever.index.vectors[sorted(set(gold_rows))])
+        position = {r: j for j, r in enumerate(sorted(set(gold_rows)))}
+        gold_vectors = gold[[position[r] for r in gold_rows]].to(q.device, q.dtype)
+        return contrastive_retrieval_loss(q, gold_vectors, torch.tensor(gold_rows, device=q.device))
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch_size = batch["labels"].shape[0]
+        nll, ret = self.nll(batch, self.cfg.n_docs, self.cfg.loss_reduction)
+        loss = nll
+        self.log("train/nll", nll, batch_size=batch_size)
+        if ret is not None:
+            if self.cfg.retrieval_loss_weight > 0 and not self.question_encoder_frozen():
+                r_loss = self.retrieval_loss(batch, ret)
+                if r_loss is not None:
+                    loss = loss + self.cfg.retrieval_loss_weight * r_loss
+                    self.log("train/retrieval_loss", r_loss, batch_size=batch_size)
+            self.log("train/doc_entropy", metrics.doc_entropy(ret["doc_scores"].detach()).mean(), batch_size=batch_size)
+            self.log("train/distinct_passages", metrics.distinct_share(ret["rows"]), batch_size=batch_size)
+            self.log("train/question_encoder_frozen", float(self.question_encoder_frozen()), batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def generate(self, batch: dict, ret: dict | None) -> tuple[torch.Tensor, int]:
+        """Answer token ids (B, L) with the mode's decoder."""
+        dec = self.cfg.decoding
+        if self.mode == Mode.closed_book:
+            ids, mask = with_specials(
+                batch["question_generator_ids"], batch["question_generator_mask"], self.bos_id, self.eos_id, self.pad_id
+            )
+            return self.generator.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                num_beams=dec.num_beams,
+                max_new_tokens=dec.max_new_tokens,
+                decoder_start_token_id=self.eos_id,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                do_sample=False,
+            )
+        args = (self.generator, ret["context_input_ids"], ret["context_attention_mask"], ret["doc_scores"])
+        n_docs = ret["doc_scores"].shape[1]
+        if self.mode == Mode.rag_token:
+            return rag_token_generate(*args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens)
+        return rag_sequence_generate(
+            *args,
+            n_docs=n_docs,
+            num_beams=dec.num_beams,
+            max_new_tokens=dec.max_new_tokens,
+            mode=dec.sequence_mode.value if hasattr(dec.sequence_mode, "value") else dec.sequence_mode,
+        )
+
+    def _evaluate(self, batch: dict, prefix: str) -> None:
+        n_docs = self.cfg.eval_n_docs or self.cfg.n_docs
+        batch_size = batch["labels"].shape[0]
+        nll, ret = self.nll(batch, n_docs, "mean")
+        self.log(f"{prefix}/loss", nll, batch_size=batch_size, sync_dist=True)
+        generated = self.generate(batch, ret)
+        preds = [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        em = torch.tensor([metrics.exact_match(p, a) for p, a in zip(preds, batch["answers"])])
+        f1 = torch.tensor([metrics.f1_score(p, a) for p, a in zip(preds, batch["answers"])])
+        self.log(f"{prefix}/em", em.mean(), batch_size=batch_size, sync_dist=True, prog_bar=True)
+        self.log(f"{prefix}/f1", f1.mean(), batch_size=batch_size, sync_dist=True)
+        probs = None
+        if ret is not None:
+            store = self.retriever.store
+            rows = ret["rows"].tolist()
+            texts = [[store.text(r) for r in row] for row in rows]
+            hits = metrics.retrieval_hits(ret["passage_ids"], texts, batch["gold_passage_ids"], batch["answers"])
+            for k in sorted({1, n_docs}):
+                self.log(f"{prefix}/recall@{k}", metrics.recall_at_k(hits, k).mean(), batch_size=batch_size, sync_dist=True)
+            self.log(f"{prefix}/mrr", metrics.reciprocal_rank(hits).mean(), batch_size=batch_size, sync_dist=True)
+            self.log(f"{prefix}/doc_entropy", metrics.doc_entropy(ret["doc_scores"]).mean(), batch_size=batch_size, sync_dist=True)
+            self.log(f"{prefix}/distinct_passages", metrics.distinct_share(ret["rows"]), batch_size=batch_size, sync_dist=True)
+            probs = torch.softmax(ret["doc_scores"].float(), dim=-1).tolist()
+        records = []
+        for i, pred in enumerate(preds):
+            record = {
+                "id": batch["ids"][i],
+                "question": batch["questions"][i],
+                "prediction": pred,
+                "answers": batch["answers"][i],
+                "em": em[i].item(),
+                "f1": f1[i].item(),
+            }
+            if ret is not None:
+                record["passage_ids"] = ret["passage_ids"][i]
+                record["doc_scores"] = [round(s, 5) for s in ret["doc_scores"][i].float().tolist()]
+                record["doc_probs"] = [round(p, 5) for p in probs[i]]
+                record["passage_titles"] = [self.retriever.store.title(r) for r in ret["rows"][i].tolist()]
+            records.append(record)
+        if prefix == "val" and len(self.val_samples) < self.sample_table_size:
+            self.val_samples.extend(records[: self.sample_table_size - len(self.val_samples)])
+        if prefix != "val":
+            self._predictions.extend(records)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    @torch.no_grad()
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.eval_split)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_samples = []
+
+    def on_test_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        if self.predictions_dir is None:
+            return
+        records = self._predictions
+        if self.trainer.world_size > 1:
+            gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if self.trainer.is_global_zero:
+            path = Path(self.predictions_dir) / f"predictions_{self.eval_split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        n_docs = self.cfg.eval_n_docs or self.cfg.n_docs
+        ret = None if self.mode == Mode.closed_book else self.retrieve(batch, n_docs)
+        generated = self.generate(batch, ret)
+        preds = [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        out = []
+        for i, pred in enumerate(preds):
+            record: dict = {"question": batch["questions"][i], "answer": pred}
+            if ret is not None:
+                probs = torch.softmax(ret["doc_scores"][i].float(), dim=-1).tolist()
+                record["passages"] = [
+                    {
+                        "id": pid,
+                        "title": self.retriever.store.title(row),
+                        "text": self.retriever.store.text(row),
+                        "p": round(p, 4),
+                    }
+                    for pid, row, p in zip(ret["passage_ids"][i], ret["rows"][i].tolist(), probs)
+                ]
+            out.append(record)
+        return out
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        opt = self.cfg.optim
+        groups = _param_groups(self.generator, opt.lr, opt.weight_decay)
+        if not self.cfg.freeze_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
+            groups += _param_groups(self.question_encoder, opt.question_encoder_lr, opt.weight_decay)
+        else:
+            self.question_encoder.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = _lr_lambda(opt.scheduler, opt.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- export
+    def export_pretrained(self, directory: str | Path) -> Path:
+        """Save question encoder, generator and tokenizer with save_pretrained (safetensors)."""
+        directory = Path(directory)
+        self.question_encoder.save_pretrained(directory / "question_encoder")
+        self.generator.save_pretrained(directory / "generator")
+        self.tokenizer.save_pretrained(directory / "generator")
+        return directory
+
+
+def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def schedule(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(1.0 - progress, 0.0)
+
+    return schedule
+
