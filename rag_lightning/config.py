@@ -124,11 +124,13 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _typed(schema: type, node: DictConfig, key: str) -> Any:
     """Merge `node` onto `schema` (unknown keys and wrong types fail) and build the dataclass."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        resolved = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), resolved)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
-        raise ConfigError(f"config key {full_key}: {err.msg if hasattr(err, 'msg') else err}") from None
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config key {full_key}: {reason}") from None
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
