@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, PreTrainedTokenizerBase
 
+from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
+
 GENERATOR_KINDS = ("random", "pretrained")
 
 
@@ -23,9 +25,11 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
 
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
+    `copy: true` adds the pointer-generator copy head (models/copy_generator.py).
     """
+    model_class = CopyBartForConditionalGeneration if cfg.get("copy", False) else BartForConditionalGeneration
     if cfg.kind == "pretrained":
-        model = BartForConditionalGeneration.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+        model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False)
     elif cfg.kind == "random":
         arch = dict(cfg.config)
         config = BartConfig(
@@ -38,7 +42,7 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
             forced_eos_token_id=tokenizer.eos_token_id,
             **arch,
         )
-        model = BartForConditionalGeneration(config)
+        model = model_class(config)
     else:
         raise ValueError(
             f"model.generator.kind={cfg.kind!r} is not one of {', '.join(GENERATOR_KINDS)}"
