@@ -1,0 +1,172 @@
+"""Passage vectors from the context encoder: sharded, resumable, then joined into one memory-mapped file.
+
+``out_dir`` holds ``encode_state.json`` (what is being encoded: encoder fingerprint, corpus hash, shard size),
+``shards/shard_00000.npy`` ... written atomically as each finishes, and at the end ``vectors.npy`` (N, d)
+float32. A killed run started again with the same inputs skips the finished shards; different inputs start
+over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from rag_lightning.models.encoders import encode_questions, encoder_fingerprint
+from rag_lightning.retrieval.store import CorpusStore
+
+log = logging.getLogger(__name__)
+
+VECTORS_FILE = "vectors.npy"
+STATE_FILE = "encode_state.json"
+
+
+def _shard_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / "shards" / f"shard_{shard:05d}.npy"
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _batch(store: CorpusStore, rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs = [store.ctx_tokens(int(r)) for r in rows]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+@torch.inference_mode()
+def _encode_shard(
+    encoder: torch.nn.Module,
+    store: CorpusStore,
+    start: int,
+    stop: int,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    advance: Callable[[int], None],
+) -> np.ndarray:
+    """Vectors of rows [start, stop); batches group passages of similar length so little is padding."""
+    lengths = store.ctx_lengths()[start:stop]
+    order = np.argsort(lengths, kind="stable")
+    out: np.ndarray | None = None
+    for b in range(0, len(order), batch_size):
+        local = order[b : b + batch_size]
+        ids, mask = _batch(store, local + start, pad_id)
+        vec = encode_questions(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
+        if out is None:
+            out = np.empty((stop - start, vec.shape[1]), dtype=np.float32)
+        out[local] = vec
+        advance(len(local))
+    assert out is not None
+    return out
+
+
+def _join_shards(out_dir: Path, n_shards: int, n: int, dim: int) -> Path:
+    """Concatenate the shards into ``vectors.npy`` (written through a memmap, then renamed into place)."""
+    tmp = out_dir / (VECTORS_FILE + ".tmp")
+    joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    row = 0
+    for shard in range(n_shards):
+        part = np.load(_shard_path(out_dir, shard), mmap_mode="r", allow_pickle=False)
+        joined[row : row + len(part)] = part
+        row += len(part)
+    joined.flush()
+    del joined
+    final = out_dir / VECTORS_FILE
+    os.replace(tmp, final)
+    shutil.rmtree(out_dir / "shards", ignore_errors=True)
+    return final
+
+
+def encode_passages(
+    ctx_encoder: torch.nn.Module,
+    store: CorpusStore,
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 64,
+    shard_size: int = 50_000,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    pad_id: int | None = None,
+    on_shard_done: Callable[[int], Any] | None = None,
+) -> np.memmap:
+    """Encode every passage of ``store`` with ``ctx_encoder``; returns ``vectors.npy`` memory-mapped (N, d).
+
+    ``on_shard_done(shard_index)`` runs after each shard is on disk (tests use it to simulate a kill).
+    """
+    if len(store) == 0:
+        raise ValueError(f"the corpus store {store.dir} holds no passages; nothing to encode")
+    if pad_id is None:
+        pad_id = int(getattr(getattr(ctx_encoder, "config", None), "pad_token_id", None) or 0)
+    out = Path(out_dir)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    n = len(store)
+    n_shards = max(1, -(-n // shard_size))
+    state = {
+        "encoder_fingerprint": encoder_fingerprint(ctx_encoder),
+        "corpus_hash": store.corpus_hash,
+        "passages": n,
+        "shard_size": shard_size,
+        "shards": n_shards,
+    }
+    state_path = out / STATE_FILE
+    previous = json.loads(state_path.read_text()) if state_path.exists() else None
+    if previous != state:
+        if previous is not None:
+            log.info("encoding inputs changed since the last run in %s; starting over", out)
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        (out / VECTORS_FILE).unlink(missing_ok=True)
+        (out / "shards").mkdir(parents=True)
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+    elif (out / VECTORS_FILE).exists():
+        return np.load(out / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+
+    done = [s for s in range(n_shards) if _shard_path(out, s).exists()]
+    todo = [s for s in range(n_shards) if s not in set(done)]
+    dev = torch.device(device)
+    was_training = ctx_encoder.training
+    ctx_encoder.to(dev).eval()
+    columns = (TextColumn("encoding passages"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task("encode", total=n, completed=sum(_rows(s, shard_size, n) for s in done))
+            for shard in todo:
+                start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
+                vectors = _encode_shard(
+                    ctx_encoder,
+                    store,
+                    start,
+                    stop,
+                    batch_size,
+                    dev,
+                    pad_id,
+                    lambda k: bar.advance(task, k),
+                )
+                _save_npy_atomic(_shard_path(out, shard), vectors)
+                if on_shard_done is not None:
+                    on_shard_done(shard)
+    finally:
+        ctx_encoder.train(was_training)
+    dim = np.load(_shard_path(out, 0), mmap_mode="r", allow_pickle=False).shape[1]
+    return np.load(_join_shards(out, n_shards, n, dim), mmap_mode="r", allow_pickle=False)
+
+
+def _rows(shard: int, shard_size: int, n: int) -> int:
+    return min(n, (shard + 1) * shard_size) - shard * shard_size

@@ -1,0 +1,340 @@
+"""The FAISS index over passage vectors (inner product), with a manifest that guards every reuse.
+
+An index directory holds ``index.faiss`` (``faiss.write_index``), ``vectors.npy`` (N, d) float32 — the exact
+passage vectors, memory-mapped — and ``index_manifest.json``: what the vectors were computed from (encoder
+name and weights fingerprint, corpus hash, passage count), the index type and build parameters, the faiss
+version, and the size and sha256 of ``index.faiss``. The manifest is written last, so its presence means the
+directory is complete; :meth:`PassageIndex.load` refuses a directory built for other inputs or whose files
+are damaged, with a message that says what to rebuild.
+
+Types: ``flat`` (``IndexFlatIP``, exact), ``hnsw`` (``IndexHNSWFlat``, inner product), ``ivfpq``
+(``IndexIVFPQ``, inner product, trained on a seeded sample; its top-k is re-ranked with the exact vectors
+from ``vectors.npy``, ``rerank`` candidates per result, so memory stays at the PQ codes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from rag_lightning.retrieval.store import manifest_differences, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.npy"
+MANIFEST_FILE = "index_manifest.json"
+TYPES = ("flat", "hnsw", "ivfpq")
+BUILD_DEFAULTS: dict[str, dict[str, int]] = {
+    "flat": {},
+    "hnsw": {"M": 32, "ef_construction": 80},
+    "ivfpq": {"nlist": 1024, "m": 64, "nbits": 8, "train_size": 0, "seed": 0},
+}
+SEARCH_DEFAULTS: dict[str, dict[str, int]] = {
+    "flat": {},
+    "hnsw": {"ef_search": 128},
+    "ivfpq": {"nprobe": 32, "rerank": 4},
+}
+ADD_CHUNK = 65_536  # rows copied from the memmap per add(): bounded memory on top of the index itself
+
+
+class IndexStateError(RuntimeError):
+    """An index directory that cannot be used as it is; the message says how to rebuild it."""
+
+
+class IndexMissingError(IndexStateError):
+    pass
+
+
+class IndexMismatchError(IndexStateError):
+    pass
+
+
+class IndexCorruptError(IndexStateError):
+    pass
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _params(cfg: Any, index_type: str, defaults: Mapping[str, dict[str, int]]) -> dict[str, int]:
+    return {key: int(_get(cfg, key, value)) for key, value in defaults[index_type].items()}
+
+
+def set_num_threads(cfg: Any) -> None:
+    """``index.num_threads`` > 0 caps faiss's OpenMP threads (0 keeps faiss's default)."""
+    threads = int(_get(cfg, "num_threads", 0))
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+
+
+def _gpu_resources(index_type: str) -> Any:
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if not hasattr(faiss, "StandardGpuResources") or gpus == 0:
+        raise RuntimeError(
+            f"index.device=gpu needs faiss built with GPU support and a visible CUDA device; found faiss "
+            f"{faiss.__version__} with {gpus} GPU(s). Install it with: pip install -e '.[gpu]' && pip "
+            "uninstall -y faiss-cpu, or run with index.device=cpu"
+        )
+    if index_type == "hnsw":
+        raise RuntimeError("faiss runs HNSW on CPU only: use index=flat or index=ivfpq with index.device=gpu")
+    return faiss.StandardGpuResources()
+
+
+class PassageIndex:
+    """A faiss index plus the exact passage vectors it was built from."""
+
+    def __init__(
+        self,
+        index: Any,
+        vectors: np.ndarray,
+        index_type: str,
+        build_params: dict[str, int],
+        search_params: dict[str, int],
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        self.index, self.vectors, self.index_type = index, vectors, index_type
+        self.build_params, self.manifest = build_params, manifest or {}
+        self.search_params = dict(search_params)
+        self._apply_search_params()
+
+    # ---- building -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vectors: np.ndarray, cfg: Any) -> PassageIndex:
+        """Build the index named by ``cfg`` (the ``index`` config node) over ``vectors`` (N, d) float32."""
+        index_type = str(_get(cfg, "type", "flat"))
+        if index_type not in TYPES:
+            raise ValueError(f"index.type={index_type!r} is not one of {', '.join(TYPES)}")
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise ValueError(f"passage vectors must be (N, d) float32, got {vectors.shape} {vectors.dtype}")
+        set_num_threads(cfg)
+        n, dim = vectors.shape
+        params = _params(cfg, index_type, BUILD_DEFAULTS)
+        if index_type == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["ef_construction"]
+        else:
+            index = _untrained_ivfpq(dim, n, params)
+        if str(_get(cfg, "device", "cpu")) == "gpu":
+            resources = _gpu_resources(index_type)
+            index = faiss.index_cpu_to_gpu(resources, 0, index)
+        if index_type == "ivfpq":
+            index.train(_training_sample(vectors, params))
+        for start in range(0, n, ADD_CHUNK):
+            index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK]))
+        search = _params(cfg, index_type, SEARCH_DEFAULTS)
+        return cls(index, vectors, index_type, params, search)
+
+    def save(self, directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Write index, vectors (unless already there) and the manifest (last); returns the manifest."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is incomplete until it is rewritten
+        vectors_path = out / VECTORS_FILE
+        if Path(getattr(self.vectors, "filename", "") or "").resolve() != vectors_path.resolve():
+            _write_vectors(vectors_path, self.vectors)
+            self.vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
+        cpu_index = faiss.index_gpu_to_cpu(self.index) if _on_gpu(self.index) else self.index
+        tmp = out / (INDEX_FILE + ".tmp")
+        faiss.write_index(cpu_index, str(tmp))
+        os.replace(tmp, out / INDEX_FILE)
+        full = {
+            **dict(manifest),
+            "format_version": FORMAT_VERSION,
+            "index_type": self.index_type,
+            "build_params": self.build_params,
+            "search_params": self.search_params,
+            "metric": "inner_product",
+            "dim": int(self.vectors.shape[1]),
+            "passages": int(self.vectors.shape[0]),
+            "faiss_version": faiss.__version__,
+            "index_file": INDEX_FILE,
+            "index_bytes": (out / INDEX_FILE).stat().st_size,
+            "index_sha256": sha256_file(out / INDEX_FILE),
+            "vectors_file": VECTORS_FILE,
+            "vectors_bytes": vectors_path.stat().st_size,
+        }
+        tmp_manifest = out / (MANIFEST_FILE + ".tmp")
+        tmp_manifest.write_text(json.dumps(full, indent=2, sort_keys=True))
+        os.replace(tmp_manifest, out / MANIFEST_FILE)
+        self.manifest = full
+        return full
+
+    # ---- loading --------------------------------------------------------------------------------
+    @staticmethod
+    def check(
+        directory: str | os.PathLike[str],
+        *,
+        expect: Mapping[str, Any],
+        rebuild_command: str = "rag-index",
+        verify_checksum: bool = False,
+    ) -> dict[str, Any]:
+        """The manifest of a usable index built for ``expect``; else an :class:`IndexStateError` that says why.
+
+        Cheap by default (manifest and file sizes); ``verify_checksum`` also hashes ``index.faiss``.
+        """
+        d = Path(directory)
+        hint = f"Rebuild it with: {rebuild_command}   (or delete {d})"
+        try:
+            manifest = json.loads((d / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            raise IndexMissingError(f"no FAISS index in {d} ({MANIFEST_FILE} is missing). {hint}") from None
+        except (OSError, ValueError) as err:
+            raise IndexCorruptError(f"{d / MANIFEST_FILE} is unreadable ({err}). {hint}") from err
+        differences = manifest_differences(manifest, {"format_version": FORMAT_VERSION, **expect})
+        if differences:
+            lines = "\n  - ".join(differences)
+            raise IndexMismatchError(
+                f"the FAISS index in {d} was built for other inputs:\n  - {lines}\n{hint}"
+            )
+        for name, size_key in (("index_file", "index_bytes"), ("vectors_file", "vectors_bytes")):
+            path = d / str(manifest.get(name, ""))
+            size = path.stat().st_size if path.is_file() else None
+            if size != manifest.get(size_key):
+                raise IndexCorruptError(
+                    f"{path} is {'missing' if size is None else f'{size} bytes'} but the manifest records "
+                    f"{manifest.get(size_key)} bytes: truncated or corrupt. {hint}"
+                )
+        if verify_checksum and sha256_file(d / manifest["index_file"]) != manifest.get("index_sha256"):
+            raise IndexCorruptError(
+                f"{d / manifest['index_file']} does not match its recorded sha256. {hint}"
+            )
+        return manifest
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        expect: Mapping[str, Any],
+        cfg: Any = None,
+        rebuild_command: str = "rag-index",
+        verify_checksum: bool = True,
+    ) -> PassageIndex:
+        """Open an index built for ``expect``; ``cfg`` (the ``index`` node) sets device, threads, search params."""
+        d = Path(directory)
+        manifest = cls.check(
+            d, expect=expect, rebuild_command=rebuild_command, verify_checksum=verify_checksum
+        )
+        hint = f"Rebuild it with: {rebuild_command}   (or delete {d})"
+        try:
+            index = faiss.read_index(str(d / manifest["index_file"]))
+        except RuntimeError as err:
+            raise IndexCorruptError(f"faiss cannot read {d / manifest['index_file']}: {err}. {hint}") from err
+        try:
+            vectors = np.load(d / manifest["vectors_file"], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise IndexCorruptError(f"cannot map {d / manifest['vectors_file']}: {err}. {hint}") from err
+        expected_shape = (manifest["passages"], manifest["dim"])
+        if index.ntotal != manifest["passages"] or vectors.shape != expected_shape:
+            raise IndexCorruptError(
+                f"{d} holds {index.ntotal} indexed and {vectors.shape} stored vectors, the manifest records "
+                f"{expected_shape}. {hint}"
+            )
+        index_type = manifest["index_type"]
+        set_num_threads(cfg)
+        if str(_get(cfg, "device", "cpu")) == "gpu":
+            resources = _gpu_resources(index_type)
+            index = faiss.index_cpu_to_gpu(resources, 0, index)
+        search = manifest["search_params"] if cfg is None else _params(cfg, index_type, SEARCH_DEFAULTS)
+        return cls(index, vectors, index_type, manifest["build_params"], search, manifest)
+
+    # ---- searching ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def _apply_search_params(self) -> None:
+        if self.index_type == "hnsw":
+            self.index.hnsw.efSearch = self.search_params["ef_search"]
+        elif self.index_type == "ivfpq":
+            if _on_gpu(self.index):
+                faiss.GpuParameterSpace().set_index_parameter(
+                    self.index, "nprobe", self.search_params["nprobe"]
+                )
+            else:
+                self.index.nprobe = self.search_params["nprobe"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` passages by inner product: scores (B, k) float32 and rows (B, k) int64, best first.
+
+        An approximate index that finds fewer than ``k`` candidates pads with row -1 and score -inf.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (B, {self.dim}) float32, got {q.shape}")
+        if not 0 < k <= len(self):
+            raise ValueError(f"k={k} must be between 1 and the number of indexed passages ({len(self)})")
+        rerank = self.search_params.get("rerank", 1) if self.index_type == "ivfpq" else 1
+        scores, rows = self.index.search(q, min(len(self), k * max(1, rerank)))
+        if rerank > 1:
+            scores, rows = self._rerank(q, rows, k)
+        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32, copy=False)
+        return scores, rows.astype(np.int64, copy=False)
+
+    def _rerank(self, q: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of the candidates (read from the memmap), keeping the best ``k``."""
+        valid = candidates >= 0
+        unique, inverse = np.unique(candidates[valid], return_inverse=True)
+        exact = np.full(candidates.shape, -np.inf, dtype=np.float32)
+        if len(unique):
+            cand_vectors = np.asarray(self.vectors[unique], dtype=np.float32)
+            per_query = np.nonzero(valid)[0]
+            exact[valid] = np.einsum("nd,nd->n", q[per_query], cand_vectors[inverse])
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        rows = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)
+        return np.take_along_axis(exact, order, axis=1), rows
+
+
+def _on_gpu(index: Any) -> bool:
+    return "Gpu" in type(index).__name__
+
+
+def _untrained_ivfpq(dim: int, n: int, params: dict[str, int]) -> Any:
+    nlist, m, nbits = params["nlist"], params["m"], params["nbits"]
+    if dim % m:
+        raise ValueError(f"index.m={m} must divide the vector dimension {dim}")
+    if n < max(nlist, 2**nbits):
+        raise ValueError(
+            f"ivfpq needs at least max(nlist, 2**nbits) = {max(nlist, 2**nbits)} passages to train, the corpus "
+            f"has {n}; lower index.nlist / index.nbits or use index=flat"
+        )
+    # faiss's Python wrapper keeps the quantizer alive through index.referenced_objects
+    return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+
+
+def _training_sample(vectors: np.ndarray, params: dict[str, int]) -> np.ndarray:
+    """A seeded sample: ``train_size`` rows, by default 64 per coarse centroid or PQ code (faiss asks >= 39)."""
+    n = len(vectors)
+    size = params["train_size"] or 64 * max(params["nlist"], 2 ** params["nbits"])
+    if size >= n:
+        return np.ascontiguousarray(vectors[:], dtype=np.float32)
+    rows = np.sort(np.random.default_rng(params["seed"]).choice(n, size=size, replace=False))
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
+
+
+def _write_vectors(path: Path, vectors: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=vectors.shape)
+    for start in range(0, len(vectors), ADD_CHUNK):
+        out[start : start + ADD_CHUNK] = vectors[start : start + ADD_CHUNK]
+    out.flush()
+    del out
+    os.replace(tmp, path)

@@ -1,0 +1,139 @@
+"""Top-k passages for question vectors, and the generator's contexts assembled from pre-tokenised arrays.
+
+Context layout (generator ids, ``<s>`` = bos, ``</s>`` = eos)::
+
+    question_first (default):  <s> Q // T / X </s>
+    passage_first:             <s> T / X // Q </s>     (transformers' RagRetriever order)
+
+where ``Q`` are the question's ids from :func:`rag_lightning.retrieval.store.piece_ids` (the tokens of
+``" " + question``), ``//`` the separator's ids (tokens of ``" //"``) and ``T / X`` the store's passage ids
+(tokens of ``" " + title + " / " + text``). For byte-level BPE the ids equal those of tokenising
+``" " + question + " // " + title + " / " + text`` in one go. Only the passage is truncated to fit
+``max_context_length``, so a long passage can never cut the question off (with passage-first strings truncated
+at the end, the question is the first thing lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rag_lightning.retrieval.faiss_index import PassageIndex
+from rag_lightning.retrieval.store import CorpusStore
+
+LAYOUTS = ("question_first", "passage_first")
+
+
+@dataclass
+class Retrieved:
+    """The top-k of a batch: rows in the store, index scores, exact passage vectors, passage ids."""
+
+    rows: torch.Tensor  # (B, k) int64
+    scores: torch.Tensor  # (B, k) float32, as returned by the index
+    vectors: torch.Tensor  # (B, k, d) float32 on the questions' device
+    passage_ids: list[list[str]]
+
+
+class Retriever:
+    """Search the index and build generator inputs without decoding or re-tokenising any string."""
+
+    def __init__(
+        self,
+        index: PassageIndex,
+        store: CorpusStore,
+        *,
+        max_context_length: int,
+        layout: str = "question_first",
+        separator: str = " // ",
+        title_separator: str = " / ",
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+        if len(index) != len(store):
+            raise ValueError(
+                f"the index holds {len(index)} passages but the corpus store {store.dir} holds {len(store)}; "
+                "rebuild the index (rag-index)"
+            )
+        if title_separator != store.title_separator:
+            raise ValueError(
+                f"title_separator={title_separator!r} differs from {store.title_separator!r} that the corpus "
+                f"store {store.dir} was tokenised with; rebuild the store or use the store's separator"
+            )
+        if separator != f" {separator.strip()} ":
+            raise ValueError(f"separator={separator!r} must start and end with one space")
+        self.index, self.store, self.layout = index, store, layout
+        self.max_context_length = max_context_length
+        self.separator_ids = store.gen_piece_ids(separator)
+        # BART's special tokens of the store's generator tokenizer unless given
+        self.bos_id = store.gen_token_id("<s>") if bos_id is None else bos_id
+        self.eos_id = store.gen_token_id("</s>") if eos_id is None else eos_id
+        self.pad_id = store.gen_token_id("<pad>") if pad_id is None else pad_id
+        if max_context_length < len(self.separator_ids) + 3:
+            raise ValueError(f"max_context_length={max_context_length} leaves no room for a question")
+
+    @torch.no_grad()
+    def retrieve(self, question_vectors: torch.Tensor, k: int) -> Retrieved:
+        """Top-``k`` passages per question. No gradient flows through the search: recompute the document
+        scores as ``bmm(q, vectors)`` to train the question encoder."""
+        q = question_vectors.detach().to("cpu", torch.float32).numpy()
+        scores, rows = self.index.search(q, k)
+        if (rows < 0).any():
+            raise RuntimeError(
+                f"the {self.index.index_type} index found fewer than k={k} passages for some questions; "
+                "raise index.nprobe / index.ef_search or lower k"
+            )
+        vectors = np.asarray(self.index.vectors[rows.reshape(-1)], dtype=np.float32).reshape(*rows.shape, -1)
+        device = question_vectors.device
+        return Retrieved(
+            rows=torch.from_numpy(rows),
+            scores=torch.from_numpy(scores),
+            vectors=torch.from_numpy(vectors).to(device),
+            passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows],
+        )
+
+    def build_contexts(
+        self,
+        question_token_ids: Sequence[Sequence[int]],
+        rows: torch.Tensor,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator inputs (B*k, L) and attention mask: contexts of example b at rows b*k .. b*k+k-1,
+        right-padded with ``pad_id`` to the longest context of the batch (ids default to the retriever's)."""
+        bos_id = self.bos_id if bos_id is None else bos_id
+        eos_id = self.eos_id if eos_id is None else eos_id
+        pad_id = self.pad_id if pad_id is None else pad_id
+        if None in (bos_id, eos_id, pad_id):
+            raise ValueError(
+                "the store's generator tokenizer has no <s>, </s> or <pad>: pass bos/eos/pad ids"
+            )
+        rows_np = rows.detach().cpu().numpy()
+        if rows_np.ndim != 2 or rows_np.shape[0] != len(question_token_ids):
+            raise ValueError(
+                f"rows must be (B, k) with B={len(question_token_ids)}, got {tuple(rows_np.shape)}"
+            )
+        sep = np.asarray(self.separator_ids, dtype=np.int64)
+        budget = self.max_context_length - 2 - len(sep)  # room for question + passage
+        contexts: list[np.ndarray] = []
+        for question, example_rows in zip(question_token_ids, rows_np, strict=True):
+            q = np.asarray(question, dtype=np.int64)[:budget]  # cut only a question longer than everything
+            room = budget - len(q)
+            for row in example_rows:
+                passage = self.store.gen_tokens(int(row))[:room]
+                parts = (q, sep, passage) if self.layout == "question_first" else (passage, sep, q)
+                contexts.append(np.concatenate([[bos_id], *parts, [eos_id]]).astype(np.int64))
+        width = max(len(c) for c in contexts)
+        input_ids = np.full((len(contexts), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(contexts), width), dtype=np.int64)
+        for i, c in enumerate(contexts):
+            input_ids[i, : len(c)] = c
+            mask[i, : len(c)] = 1
+        return torch.from_numpy(input_ids), torch.from_numpy(mask)

@@ -1,0 +1,196 @@
+"""FAISS index (exactness, recall, persistence, manifest guards) and resumable passage encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from rag_lightning.models.encoders import build_context_encoder
+from rag_lightning.retrieval.encode import encode_passages
+from rag_lightning.retrieval.faiss_index import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexMissingError,
+    PassageIndex,
+)
+from rag_lightning.retrieval.store import CorpusStore
+
+N, D = 4000, 64
+# one faiss thread: OpenMP's spinning threads crawl on a small shared machine, and the sets are tiny
+CONFIGS = {
+    "flat": {"type": "flat", "num_threads": 1},
+    "hnsw": {"type": "hnsw", "num_threads": 1, "M": 16, "ef_construction": 40, "ef_search": 64},
+    "ivfpq": {"type": "ivfpq", "num_threads": 1, "nlist": 32, "m": 32, "nbits": 6, "nprobe": 8, "rerank": 4},
+}
+MANIFEST = {"encoder_name": "test", "encoder_fingerprint": "f" * 64, "corpus_hash": "c" * 64}
+
+
+def clustered(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
+    """Unit vectors around fixed random centres (``seed`` draws the points): neighbourhoods like real
+    passage embeddings have, with many near-ties inside a cluster."""
+    centres = np.random.default_rng(12345).standard_normal((clusters, d)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clustered(N, D, 50, seed=0), clustered(100, D, 50, seed=1)
+
+
+@pytest.fixture(scope="module")
+def flat(data: tuple[np.ndarray, np.ndarray]) -> PassageIndex:
+    return PassageIndex.build(data[0], CONFIGS["flat"])
+
+
+def test_flat_equals_brute_force_topk(flat: PassageIndex, data: tuple[np.ndarray, np.ndarray]) -> None:
+    vectors, queries = data
+    scores, rows = flat.search(queries, 10)
+    ref_scores, ref_rows = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(vectors).T, 10, dim=1)
+    assert rows.dtype == np.int64 and scores.dtype == np.float32 and rows.shape == (100, 10)
+    assert np.array_equal(rows, ref_rows.numpy())
+    np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_recall_at_10(kind: str, flat: PassageIndex, data: tuple[np.ndarray, np.ndarray]) -> None:
+    vectors, queries = data
+    index = PassageIndex.build(vectors, CONFIGS[kind])
+    _, truth = flat.search(queries, 10)
+    _, rows = index.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth, strict=True)])
+    assert recall >= 0.95, f"{kind} recall@10 = {recall:.3f}"
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_save_load_round_trip(kind: str, data: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    vectors, queries = data
+    index = PassageIndex.build(vectors, CONFIGS[kind])
+    before = index.search(queries, 5)
+    manifest = index.save(tmp_path, MANIFEST)
+    assert manifest["faiss_version"] == faiss.__version__ and manifest["passages"] == N
+    loaded = PassageIndex.load(tmp_path, expect=MANIFEST)
+    after = loaded.search(queries, 5)
+    assert np.array_equal(before[1], after[1]) and np.array_equal(before[0], after[0])
+    assert isinstance(loaded.vectors, np.memmap) and np.array_equal(loaded.vectors, vectors)
+
+
+def test_mismatch_says_what_differs_and_how_to_rebuild(flat: PassageIndex, tmp_path: Path) -> None:
+    flat.save(tmp_path, MANIFEST)
+    expect = {**MANIFEST, "corpus_hash": "d" * 64, "index_type": "flat"}
+    with pytest.raises(IndexMismatchError) as err:
+        PassageIndex.load(tmp_path, expect=expect, rebuild_command="rag-index data=world")
+    message = str(err.value)
+    assert "corpus_hash: built with 'ccc" in message and "now 'ddd" in message
+    assert "rag-index data=world" in message and "encoder_fingerprint" not in message
+    with pytest.raises(IndexMissingError, match="no FAISS index"):
+        PassageIndex.load(tmp_path / "elsewhere", expect=MANIFEST)
+
+
+def test_truncated_or_corrupt_files_get_clear_errors(flat: PassageIndex, tmp_path: Path) -> None:
+    flat.save(tmp_path, MANIFEST)
+    path = tmp_path / INDEX_FILE
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(IndexCorruptError, match="truncated or corrupt"):
+        PassageIndex.load(tmp_path, expect=MANIFEST)
+    path.write_bytes(bytes(64) + good[64:])  # same size, header wiped
+    with pytest.raises(IndexCorruptError, match="sha256"):
+        PassageIndex.load(tmp_path, expect=MANIFEST)
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    from rag_lightning.retrieval.store import sha256_file
+
+    manifest["index_sha256"] = sha256_file(path)  # damaged file whose checksum was recorded: faiss must fail
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="faiss cannot read"):
+        PassageIndex.load(tmp_path, expect=MANIFEST)
+    (tmp_path / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(IndexCorruptError, match="unreadable"):
+        PassageIndex.load(tmp_path, expect=MANIFEST)
+
+
+def test_search_argument_errors(flat: PassageIndex) -> None:
+    with pytest.raises(ValueError, match=r"\(B, 64\)"):
+        flat.search(np.zeros((2, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="k=5000"):
+        flat.search(np.zeros((2, D), np.float32), 5000)
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the message on machines without faiss GPUs")
+def test_gpu_request_without_gpu_faiss_is_explained(data: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(RuntimeError, match=r"index.device=gpu needs faiss built with GPU support"):
+        PassageIndex.build(data[0][:300], {"type": "flat", "device": "gpu"})
+
+
+# ------------------------------------------------------------------------------------ encoding
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> CorpusStore:
+    from test_store import ctx_tokenizer, make_gen_tokenizer, synthetic_passages
+
+    tmp = tmp_path_factory.mktemp("enc")
+    return CorpusStore.build(
+        synthetic_passages(50), make_gen_tokenizer(tmp / "tok"), ctx_tokenizer(), tmp / "s"
+    )
+
+
+TINY = {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2}}
+
+
+def test_interrupted_encode_resumes_to_the_same_vectors(store: CorpusStore, tmp_path: Path) -> None:
+    encoder = build_context_encoder(TINY)
+    whole = np.array(
+        encode_passages(encoder, store, tmp_path / "a", batch_size=8, shard_size=12, progress=False)
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        encode_passages(
+            encoder, store, tmp_path / "b", batch_size=8, shard_size=12, on_shard_done=kill_after_two
+        )
+    assert sorted(p.name for p in (tmp_path / "b" / "shards").glob("*.npy")) == [
+        "shard_00000.npy",
+        "shard_00001.npy",
+    ]
+    resumed_shards: list[int] = []
+    resumed = encode_passages(
+        encoder, store, tmp_path / "b", batch_size=8, shard_size=12, on_shard_done=resumed_shards.append
+    )
+    assert resumed_shards == [2, 3, 4]
+    assert isinstance(resumed, np.memmap) and resumed.shape == (50, 32) and resumed.dtype == np.float32
+    assert np.array_equal(np.asarray(resumed), whole)
+    assert not (tmp_path / "b" / "shards").exists()
+
+
+def test_encoded_vectors_match_one_by_one_encoding(store: CorpusStore, tmp_path: Path) -> None:
+    encoder = build_context_encoder(TINY)
+    vectors = encode_passages(encoder, store, tmp_path, batch_size=16, shard_size=100, progress=False)
+    with torch.no_grad():
+        for row in (0, 7, 33):
+            ids = torch.from_numpy(store.ctx_tokens(row).astype(np.int64))[None]
+            single = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output[0].numpy()
+            np.testing.assert_allclose(vectors[row], single, atol=1e-5)
+
+
+def test_changed_encoder_starts_over(store: CorpusStore, tmp_path: Path) -> None:
+    a = encode_passages(
+        build_context_encoder(TINY), store, tmp_path, batch_size=16, shard_size=20, progress=False
+    )
+    other = build_context_encoder(
+        {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "seed": 1}}
+    )
+    b = encode_passages(other, store, tmp_path, batch_size=16, shard_size=20, progress=False)
+    assert not np.allclose(np.asarray(a), np.asarray(b))

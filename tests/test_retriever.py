@@ -1,0 +1,96 @@
+"""Retriever: search results and gathered vectors, and contexts assembled exactly as tokenised strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_store import ctx_tokenizer, make_gen_tokenizer, synthetic_passages
+from transformers import PreTrainedTokenizerFast
+
+from rag_lightning.retrieval.faiss_index import PassageIndex
+from rag_lightning.retrieval.retriever import Retriever
+from rag_lightning.retrieval.store import CorpusStore, piece_ids
+
+QUESTIONS = ["Who is the capital of France?", "How high is Everest (in m)?", "What's 東京?"]
+
+
+@pytest.fixture(scope="module")
+def parts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[PreTrainedTokenizerFast, CorpusStore, PassageIndex]:
+    tmp = tmp_path_factory.mktemp("retriever")
+    gen_tok = make_gen_tokenizer(tmp / "tok")
+    store = CorpusStore.build(synthetic_passages(30), gen_tok, ctx_tokenizer(), tmp / "store")
+    vectors = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
+    return gen_tok, store, PassageIndex.build(vectors, {"type": "flat", "num_threads": 1})
+
+
+def ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tok(text)["input_ids"]  # with <s> ... </s>
+
+
+def test_retrieve_returns_rows_scores_vectors_and_ids(parts) -> None:
+    _, store, index = parts
+    retriever = Retriever(index, store, max_context_length=64)
+    q = torch.randn(4, 16, requires_grad=True)
+    found = retriever.retrieve(q, 3)
+    scores, rows = index.search(q.detach().numpy(), 3)
+    assert found.rows.dtype == torch.int64 and np.array_equal(found.rows.numpy(), rows)
+    assert found.vectors.shape == (4, 3, 16) and found.vectors.dtype == torch.float32
+    assert not found.vectors.requires_grad and not found.scores.requires_grad
+    np.testing.assert_array_equal(found.vectors.numpy(), index.vectors[rows])
+    doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors)  # how the module recomputes the scores
+    torch.testing.assert_close(doc_scores.detach(), torch.from_numpy(scores), rtol=0, atol=1e-5)
+    doc_scores.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert found.passage_ids == [[store.passage_id(int(r)) for r in row] for row in rows]
+
+
+@pytest.mark.parametrize("layout", ["question_first", "passage_first"])
+def test_contexts_equal_tokenising_the_joined_strings(parts, layout: str) -> None:
+    gen_tok, store, index = parts
+    retriever = Retriever(index, store, max_context_length=512, layout=layout)
+    rows = torch.tensor([[0, 3, 5], [2, 7, 1], [6, 4, 29]])
+    questions = [piece_ids(gen_tok, q) for q in QUESTIONS]
+    input_ids, mask = retriever.build_contexts(
+        questions, rows, bos_id=gen_tok.bos_token_id, eos_id=gen_tok.eos_token_id, pad_id=gen_tok.pad_token_id
+    )
+    assert input_ids.shape[0] == 9 and mask.shape == input_ids.shape
+    for b, question in enumerate(QUESTIONS):
+        for j, row in enumerate(rows[b].tolist()):
+            p = synthetic_passages(30)[row]
+            passage = f"{p.title} / {p.text}" if p.title else p.text
+            text = f"{question} // {passage}" if layout == "question_first" else f"{passage} // {question}"
+            expected = ids(gen_tok, text)
+            got = input_ids[b * 3 + j]
+            n = int(mask[b * 3 + j].sum())
+            assert got[:n].tolist() == expected
+            assert (got[n:] == gen_tok.pad_token_id).all() and (mask[b * 3 + j, n:] == 0).all()
+
+
+def test_truncation_cuts_the_passage_never_the_question(parts) -> None:
+    gen_tok, store, index = parts
+    retriever = Retriever(index, store, max_context_length=20)
+    question = piece_ids(gen_tok, QUESTIONS[1])
+    sep = piece_ids(gen_tok, "//")
+    input_ids, mask = retriever.build_contexts([question], torch.tensor([[0, 2]]))  # BART ids by default
+    assert input_ids.shape == (2, 20) and mask.all()
+    for i, row in enumerate((0, 2)):
+        room = 20 - 2 - len(question) - len(sep)
+        expected = [0, *question, *sep, *store.gen_tokens(row)[:room].tolist(), 2]
+        assert input_ids[i].tolist() == expected
+
+
+def test_mismatched_parts_are_refused(parts, tmp_path: Path) -> None:
+    gen_tok, store, index = parts
+    with pytest.raises(ValueError, match="title_separator"):
+        Retriever(index, store, max_context_length=64, title_separator=" | ")
+    with pytest.raises(ValueError, match="holds 5 passages"):
+        Retriever(
+            PassageIndex.build(index.vectors[:5].copy(), {"type": "flat"}), store, max_context_length=64
+        )
+    with pytest.raises(ValueError, match="layout"):
+        Retriever(index, store, max_context_length=64, layout="sideways")
