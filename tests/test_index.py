@@ -194,3 +194,83 @@ def test_changed_encoder_starts_over(store: CorpusStore, tmp_path: Path) -> None
     )
     b = encode_passages(other, store, tmp_path, batch_size=16, shard_size=20, progress=False)
     assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------------------ ensure_index
+def compose_index_cfg(tmp: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from rag_lightning.conf_path import CONFIG_DIR
+
+    base = [
+        "data=jsonl",
+        f"data.corpus_file={tmp / 'corpus.jsonl'}",
+        f"data.train_file={tmp / 'train.jsonl'}",
+        "data.val_file=null",
+        "data.test_file=null",
+        f"data.generator_tokenizer={tmp / 'tok'}",
+        "model/question_encoder=tiny",
+        f"paths.cache_dir={tmp / 'cache'}",
+        "index.progress=false",
+        "index.num_threads=1",
+        "index.shard_size=16",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return compose(config_name="index", overrides=[*base, *overrides])
+
+
+@pytest.fixture()
+def user_data(tmp_path: Path) -> Path:
+    from test_store import make_gen_tokenizer, synthetic_passages
+
+    lines = [json.dumps({"id": p.id, "title": p.title, "text": p.text}) for p in synthetic_passages(40)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"question": "Where is Paris?", "answers": ["France"]}) + "\n"
+    )
+    make_gen_tokenizer(tmp_path / "tok")
+    return tmp_path
+
+
+def test_ensure_index_builds_then_reuses_and_rebuilds_only_what_changed(user_data: Path) -> None:
+    from rag_lightning.retrieval.build import ensure_index, open_retriever
+
+    cfg = compose_index_cfg(user_data)
+    store_dir, index_dir = map(Path, ensure_index(cfg))
+    assert store_dir == user_data / "cache" / "stores" / "jsonl"
+    assert index_dir == user_data / "cache" / "indexes" / "jsonl-tiny-flat"
+    store_stamp = (store_dir / "manifest.json").stat().st_mtime_ns
+    index_stamp = (index_dir / INDEX_FILE).stat().st_mtime_ns
+
+    assert ensure_index(cfg) == (str(store_dir), str(index_dir))  # reused: nothing rewritten
+    assert (store_dir / "manifest.json").stat().st_mtime_ns == store_stamp
+    assert (index_dir / INDEX_FILE).stat().st_mtime_ns == index_stamp
+
+    _, hnsw_dir = ensure_index(compose_index_cfg(user_data, "index=hnsw"))  # same vectors, linked not copied
+    vectors = user_data / "cache" / "vectors" / "jsonl-tiny" / "vectors.npy"
+    assert (Path(hnsw_dir) / "vectors.npy").stat().st_ino == vectors.stat().st_ino
+
+    ensure_index(compose_index_cfg(user_data, "model.question_encoder.tiny.seed=1"))  # new encoder weights
+    assert (store_dir / "manifest.json").stat().st_mtime_ns == store_stamp
+    assert (index_dir / INDEX_FILE).stat().st_mtime_ns != index_stamp
+
+    with open(user_data / "corpus.jsonl", "a") as f:  # the corpus grows: store and index follow
+        f.write(json.dumps({"id": "new", "title": "New", "text": "A new passage."}) + "\n")
+    retriever = open_retriever(compose_index_cfg(user_data))
+    assert len(retriever.store) == 41 and len(retriever.index) == 41
+    assert retriever.store.passage_id(40) == "new"
+    found = retriever.retrieve(torch.randn(2, 32), 3)
+    assert found.rows.shape == (2, 3)
+
+
+def test_mismatched_index_message_names_the_rebuild_command(user_data: Path) -> None:
+    from rag_lightning.retrieval.build import ensure_index, rebuild_command
+
+    cfg = compose_index_cfg(user_data)
+    _, index_dir = ensure_index(cfg)
+    with pytest.raises(
+        IndexMismatchError, match=r"encoder_fingerprint.*\n.*Rebuild it with: rag-index data=jsonl"
+    ):
+        PassageIndex.load(
+            index_dir, expect={"encoder_fingerprint": "x"}, rebuild_command=rebuild_command(cfg)
+        )

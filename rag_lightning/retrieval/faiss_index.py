@@ -108,6 +108,8 @@ class PassageIndex:
         self.index, self.vectors, self.index_type = index, vectors, index_type
         self.build_params, self.manifest = build_params, manifest or {}
         self.search_params = dict(search_params)
+        # build parameters with automatic values (0) resolved; build_params keeps them as configured
+        self.effective_params = dict(self.manifest.get("effective_params", build_params))
         self._apply_search_params()
 
     # ---- building -------------------------------------------------------------------------------
@@ -128,6 +130,7 @@ class PassageIndex:
             index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = params["ef_construction"]
         else:
+            params = {**params, **ivfpq_shape(dim, n, params)}
             index = _untrained_ivfpq(dim, n, params)
         if str(_get(cfg, "device", "cpu")) == "gpu":
             resources = _gpu_resources(index_type)
@@ -137,7 +140,9 @@ class PassageIndex:
         for start in range(0, n, ADD_CHUNK):
             index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK]))
         search = _params(cfg, index_type, SEARCH_DEFAULTS)
-        return cls(index, vectors, index_type, params, search)
+        built = cls(index, vectors, index_type, _params(cfg, index_type, BUILD_DEFAULTS), search)
+        built.effective_params = params
+        return built
 
     def save(self, directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Write index, vectors (unless already there) and the manifest (last); returns the manifest."""
@@ -145,8 +150,9 @@ class PassageIndex:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is incomplete until it is rewritten
         vectors_path = out / VECTORS_FILE
-        if Path(getattr(self.vectors, "filename", "") or "").resolve() != vectors_path.resolve():
-            _write_vectors(vectors_path, self.vectors)
+        source = Path(getattr(self.vectors, "filename", "") or "")
+        if source.resolve() != vectors_path.resolve():
+            _place_vectors(vectors_path, self.vectors, source)
             self.vectors = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
         cpu_index = faiss.index_gpu_to_cpu(self.index) if _on_gpu(self.index) else self.index
         tmp = out / (INDEX_FILE + ".tmp")
@@ -157,6 +163,7 @@ class PassageIndex:
             "format_version": FORMAT_VERSION,
             "index_type": self.index_type,
             "build_params": self.build_params,
+            "effective_params": self.effective_params,
             "search_params": self.search_params,
             "metric": "inner_product",
             "dim": int(self.vectors.shape[1]),
@@ -307,6 +314,14 @@ def _on_gpu(index: Any) -> bool:
     return "Gpu" in type(index).__name__
 
 
+def ivfpq_shape(dim: int, n: int, params: Mapping[str, int]) -> dict[str, int]:
+    """``nlist`` and ``m`` with 0 meaning automatic: about 4*sqrt(N) lists (at most N/64, so each list
+    gets training points) and a sub-quantizer per 8 dimensions (48 codes bytes for 384-d, 96 for 768-d)."""
+    nlist = params["nlist"] or int(max(1, min(4 * np.sqrt(n), n // 64)))
+    m = params["m"] or max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+    return {"nlist": nlist, "m": m}
+
+
 def _untrained_ivfpq(dim: int, n: int, params: dict[str, int]) -> Any:
     nlist, m, nbits = params["nlist"], params["m"], params["nbits"]
     if dim % m:
@@ -330,8 +345,20 @@ def _training_sample(vectors: np.ndarray, params: dict[str, int]) -> np.ndarray:
     return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
-def _write_vectors(path: Path, vectors: np.ndarray) -> None:
+def _place_vectors(path: Path, vectors: np.ndarray, source: Path) -> None:
+    """Put the vectors beside the index: a hard link to their ``.npy`` when possible (no copy), else a write.
+
+    Encoding replaces its ``vectors.npy`` by rename, so a linked index keeps the vectors it was built with.
+    """
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    if source.suffix == ".npy" and source.is_file():
+        try:
+            os.link(source, tmp)
+            os.replace(tmp, path)
+            return
+        except OSError:
+            pass
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=vectors.shape)
     for start in range(0, len(vectors), ADD_CHUNK):
         out[start : start + ADD_CHUNK] = vectors[start : start + ADD_CHUNK]

@@ -213,8 +213,13 @@ class CorpusStore:
         gen_max_passage_tokens: int = 256,
         title_separator: str = " / ",
         source_hash: str | None = None,
+        source: Mapping[str, Any] | None = None,
     ) -> CorpusStore:
-        """Tokenise ``passages`` in chunks and write the store atomically (a killed build leaves no store)."""
+        """Tokenise ``passages`` in chunks and write the store atomically (a killed build leaves no store).
+
+        ``source_hash`` (e.g. the corpus file's sha256) becomes the corpus hash, else the content is hashed;
+        ``source`` (path, size, mtime of the corpus file) is recorded for cheap up-to-date checks.
+        """
         if title_separator != f" {title_separator.strip()} ":
             raise ValueError(f"title_separator={title_separator!r} must start and end with one space")
         if len(passages) == 0:
@@ -263,6 +268,7 @@ class CorpusStore:
             "title_separator": title_separator,
             "gen_form": "' ' + title + title_separator + text, no special tokens",
             "ctx_form": "[CLS] title [SEP] text [SEP], truncated to ctx_max_length",
+            "source": dict(source) if source else None,
         }
         _write_json_atomic(tmp / "manifest.json", manifest)
         if out.exists():
