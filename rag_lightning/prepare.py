@@ -12,25 +12,29 @@ from rich.table import Table
 
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.data.prepare_data import ensure_prepared
+from rag_lightning.data.world import KINDS, MANIFEST_FILE, SPLITS, TOKENIZER_DIR
 
 
 def summary_table(manifest: dict[str, Any]) -> Table:
     """What was prepared: passages and questions per split for the world set, rows per file otherwise."""
-    table = Table(title="prepared data")
-    table.add_column("item")
-    table.add_column("count", justify="right")
-    table.add_column("where")
     if manifest.get("builder"):
+        table = Table(title=f"world data in {manifest['dir']}")
+        table.add_column("item")
+        table.add_column("count", justify="right")
+        table.add_column("file", overflow="fold")
         counts = manifest["counts"]
-        root = manifest["dir"]
-        table.add_row("passages", f"{counts['passages']:,}", f"{root}/corpus.jsonl")
-        for split, n in counts["questions"].items():
-            table.add_row(f"{split} questions", f"{n:,}", f"{root}/{split}.jsonl")
-        for kind, n in counts["entities"].items():
-            table.add_row(f"{kind} entities", f"{n:,}", "")
-        table.add_row("generator tokenizer", "", f"{root}/generator_tokenizer")
-        table.add_row("manifest", "", f"{root}/manifest.json")
+        table.add_row("passages", f"{counts['passages']:,}", "corpus.jsonl")
+        for split in SPLITS:
+            table.add_row(f"{split} questions", f"{counts['questions'][split]:,}", f"{split}.jsonl")
+        for kind in KINDS:
+            table.add_row(f"{kind} entities", f"{counts['entities'][kind]:,}", "")
+        table.add_row("generator tokenizer", "", f"{TOKENIZER_DIR}/")
+        table.add_row("manifest", "", MANIFEST_FILE)
         return table
+    table = Table(title="your data")
+    table.add_column("item")
+    table.add_column("rows", justify="right")
+    table.add_column("file", overflow="fold")
     for key, path in manifest["files"].items():
         c = manifest.get("counts", {}).get(key, {})
         skipped = f" ({c['skipped']:,} bad rows skipped)" if c.get("skipped") else ""

@@ -184,6 +184,9 @@ def test_world_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(PrepareError, match=r"data.dir=.*mine is not empty"):
         ensure_prepared(cfg)
+    (tmp_path / "mine" / "manifest.json").write_text('{"builder": "someone else"}')
+    with pytest.raises(PrepareError, match=r"data.dir=.*mine is not empty"):
+        ensure_prepared(cfg)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -278,3 +281,16 @@ def test_tokenizer_training_is_deterministic_and_load_fails_clearly(tmp_path: Pa
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with pytest.raises(FileNotFoundError, match="no generator tokenizer at .*missing"):
         load_generator_tokenizer(tmp_path / "missing")
+
+
+def test_rag_prepare_prints_counts_and_location(built: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    from rag_lightning.prepare import summary_table
+
+    console = Console(record=True, width=200)
+    console.print(summary_table(ensure_prepared(built["cfg"])))
+    text = console.export_text()
+    counts = built["manifest"]["counts"]
+    assert str(built["root"]) in text and "test_seen.jsonl" in text
+    assert f"{counts['passages']:,}" in text and f"{counts['questions']['train']:,}" in text

@@ -35,6 +35,7 @@ WORLD_FILE_KEYS = {
     "test_file": "test.jsonl",
 }
 USER_FILE_KEYS = ("corpus_file", "train_file", "val_file", "test_file")
+WORLD_BUILDER = "rag_lightning.data.world"  # the manifest's "builder": whose directory this is
 TRAINED_FROM = "trained_from.json"  # beside a tokenizer we trained for users' data: what it was trained on
 
 
@@ -116,7 +117,8 @@ def _ensure_world(cfg: Any) -> dict[str, Any]:
 
 
 def _build_world_atomically(out_dir: Path, options: world.WorldOptions) -> dict[str, Any]:
-    if out_dir.exists() and any(out_dir.iterdir()) and read_manifest(out_dir) is None:
+    previous = read_manifest(out_dir) or {}
+    if out_dir.exists() and any(out_dir.iterdir()) and previous.get("builder") != WORLD_BUILDER:
         # never delete a directory the builder did not write
         raise PrepareError(
             f"data.dir={out_dir} is not empty and holds no world manifest. "

@@ -150,7 +150,7 @@ def load_entities(options: WorldOptions) -> list[Entity]:
     cities = load_cities(countries, options.min_city_population)
     city_entities = _city_entities(cities, {fold(c.name) for c in countries})
     largest: dict[str, tuple[City, Entity]] = {}
-    for city, entity in zip(cities, city_entities):
+    for city, entity in zip(cities, city_entities, strict=True):
         largest.setdefault(city.country, (city, entity))
     entities = []
     for country in countries:
@@ -381,7 +381,7 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
 
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     manifest = {
-        "builder": "rag_lightning.data.world",
+        "builder": __name__,
         "format_version": FORMAT_VERSION,
         "build_key": build_key(options),
         "options": asdict(options),
