@@ -54,17 +54,18 @@ def _check_shapes(seq_logits: Tensor, doc_scores: Tensor | None, labels: Tensor)
     return n_docs
 
 
-def _token_logprobs(logits: Tensor, labels: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """log p(label_t) and sum_v log p(v) per position, float32, without materialising log_softmax.
+def _token_logprobs(
+    logits: Tensor, labels: Tensor, pad_token_id: int, with_vocab_sum: bool
+) -> tuple[Tensor, Tensor | None]:
+    """log p(label_t) per position, and sum_v log p(v) when label smoothing needs it; float32.
 
-    ``labels`` has one row per logits row. Pad positions get a dummy (finite) value the caller masks.
+    ``labels`` has one row per logits row; pad positions get a dummy (finite) value the caller masks. A
+    float32 ``log_softmax`` then ``gather`` is about 3x faster in backward than ``gather - logsumexp``.
     """
-    logits = logits.float()
-    lse = logits.logsumexp(dim=-1)
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
     safe = labels.masked_fill(labels.eq(pad_token_id), 0).unsqueeze(-1)
-    target = logits.gather(-1, safe).squeeze(-1) - lse
-    vocab_sum = logits.sum(dim=-1) - logits.shape[-1] * lse
-    return target, vocab_sum
+    target = logprobs.gather(-1, safe).squeeze(-1)
+    return target, (logprobs.sum(dim=-1) if with_vocab_sum else None)
 
 
 def _smoothed(nll: Tensor, smooth: Tensor, label_smoothing: float, vocab_size: int) -> Tensor:
@@ -101,9 +102,9 @@ def closed_book_nll(
     _check_reduction(reduction)
     _check_shapes(logits, None, labels)
     mask = labels.ne(pad_token_id)
-    target, vocab_sum = _token_logprobs(logits, labels, pad_token_id)
+    target, vocab_sum = _token_logprobs(logits, labels, pad_token_id, with_vocab_sum=label_smoothing != 0.0)
     nll = -torch.where(mask, target, 0.0).sum(dim=1)
-    smooth = -torch.where(mask, vocab_sum, 0.0).sum(dim=1)
+    smooth = -torch.where(mask, vocab_sum, 0.0).sum(dim=1) if vocab_sum is not None else torch.zeros_like(nll)
     return _reduce(_smoothed(nll, smooth, label_smoothing, logits.shape[-1]), mask, reduction)
 
 
@@ -159,8 +160,13 @@ def sequence_nll_per_example(
     mask = labels.ne(pad_token_id)
     doc_logprobs = doc_scores.float().log_softmax(dim=-1)  # (B, K)
 
-    target, vocab_sum = _token_logprobs(seq_logits, labels.repeat_interleave(n_docs, dim=0), pad_token_id)
-    target, vocab_sum = target.view(batch, n_docs, length), vocab_sum.view(batch, n_docs, length)
+    target, vocab_sum = _token_logprobs(
+        seq_logits,
+        labels.repeat_interleave(n_docs, dim=0),
+        pad_token_id,
+        with_vocab_sum=label_smoothing != 0.0,
+    )
+    target = target.view(batch, n_docs, length)
 
     scored = mask.clone()
     scored[:, 0] &= ~skip_first
@@ -168,7 +174,8 @@ def sequence_nll_per_example(
     nll = -seq_ll.logsumexp(dim=1)
 
     smooth = torch.zeros_like(nll)
-    if label_smoothing != 0.0:
+    if vocab_sum is not None:
+        vocab_sum = vocab_sum.view(batch, n_docs, length)
         smooth_obj = torch.where(mask.unsqueeze(1), vocab_sum, 0.0).sum(dim=2) + vocab_size * doc_logprobs
         smooth = -smooth_obj.logsumexp(dim=1)
     loss = _smoothed(nll, smooth, label_smoothing, vocab_size)
@@ -198,11 +205,11 @@ def rag_token_nll(
     safe = labels.masked_fill(~mask, 0)
 
     if label_smoothing == 0.0:
-        target, _ = _token_logprobs(seq_logits, labels.repeat_interleave(n_docs, dim=0), pad_token_id)
+        target, _ = _token_logprobs(seq_logits, labels.repeat_interleave(n_docs, dim=0), pad_token_id, False)
         marginal_target = (target.view(batch, n_docs, length) + doc_logprobs.unsqueeze(-1)).logsumexp(dim=1)
         smooth = torch.zeros(batch, device=seq_logits.device)
     else:
-        logprobs = seq_logits.float().log_softmax(dim=-1).view(batch, n_docs, length, vocab_size)
+        logprobs = seq_logits.log_softmax(dim=-1, dtype=torch.float32).view(batch, n_docs, length, vocab_size)
         marginal = (logprobs + doc_logprobs[:, :, None, None]).logsumexp(dim=1)  # (B, T, V)
         marginal_target = marginal.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         smooth = -torch.where(mask, marginal.sum(dim=-1), 0.0).sum(dim=1)
