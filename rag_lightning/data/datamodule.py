@@ -45,12 +45,14 @@ def encode_examples(
     max_answer_length: int,
 ) -> list[EncodedQA]:
     """Tokenise questions for both models and the first answer as the target, in one batched call each."""
-    questions = [ex.question for ex in examples]
-    q_enc = question_tokenizer(questions, truncation=True, max_length=max_question_length)["input_ids"]
+    # every generator-side piece starts with one space (see retrieval.store.piece_ids), so the question
+    # ids placed in a context and the answer ids copied from a passage tokenise as they do inside text
+    questions = [" " + ex.question.strip() for ex in examples]
+    q_enc = question_tokenizer([ex.question for ex in examples], truncation=True, max_length=max_question_length)["input_ids"]
     q_gen = generator_tokenizer(
         questions, add_special_tokens=False, truncation=True, max_length=max_question_length
     )["input_ids"]
-    answers = [ex.answers[0] if ex.answers else "" for ex in examples]
+    answers = [" " + ex.answers[0].strip() if ex.answers else "" for ex in examples]
     a_gen = generator_tokenizer(
         answers, add_special_tokens=False, truncation=True, max_length=max_answer_length - 1
     )["input_ids"]

@@ -77,6 +77,7 @@ class RagModule(L.LightningModule):
         if config.gradient_checkpointing:
             generator.gradient_checkpointing_enable()
             question_encoder.gradient_checkpointing_enable()
+        self.train()  # pretrained weights arrive in eval mode
         # plain types only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"model": json.loads(json.dumps(asdict(config), default=str))})
 

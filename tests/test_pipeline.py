@@ -1,0 +1,91 @@
+"""End to end on tiny models: fit, checkpoint, test, export, eval, resume (seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rag_lightning.pipeline import train
+
+from pipeline_helpers import tiny_train_config
+
+
+@pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
+def test_fast_dev_run_each_mode(tmp_path, mode):
+    cfg = tiny_train_config(tmp_path, f"model={mode}", "debug=fast_dev_run")
+    results = train(cfg)
+    assert "test/em" in results and 0.0 <= results["test/em"] <= 1.0
+    if mode != "closed_book":
+        assert "test/recall@2" in results
+
+
+def test_train_checkpoint_test_export(tmp_path):
+    cfg = tiny_train_config(tmp_path, "trainer.max_epochs=2")
+    results = train(cfg)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/em"] == pytest.approx(results["test/em"])
+    for key in ("test/f1", "test/recall@1", "test/recall@2", "val/em", "val/loss"):
+        assert key in metrics
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and {"prediction", "passage_ids", "doc_scores"} <= set(predictions[0])
+    # the export loads with plain transformers
+    from transformers import BartForConditionalGeneration, DPRQuestionEncoder
+
+    DPRQuestionEncoder.from_pretrained(run / "checkpoints" / "hf" / "question_encoder")
+    BartForConditionalGeneration.from_pretrained(run / "checkpoints" / "hf" / "generator")
+    # the saved checkpoint loads without unpickling arbitrary objects
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4  # 8 train questions / batch 4 x 2 epochs
+    assert (run / "config_resolved.yaml").is_file()
+    assert OmegaConf.load(run / "config_resolved.yaml").model.mode == "rag_token"
+
+
+def _eval_config(tmp_path, ckpt, out):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from rag_lightning.conf_path import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", "accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def test_eval_reproduces_the_test_stage(tmp_path):
+    from rag_lightning.pipeline import evaluate
+
+    results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "export=false"))
+    run = tmp_path / "run"
+    best = next((run / "checkpoints").glob("step*.ckpt"))
+    again = evaluate(_eval_config(tmp_path, best, tmp_path / "eval"))
+    for key in ("test/em", "test/f1", "test/recall@1", "test/recall@2", "test/loss"):
+        assert again[key] == pytest.approx(results[key], abs=1e-6), key
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "passage_ids" in json.loads(lines[0])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/em"] == pytest.approx(results["test/em"])
+
+
+def test_resume_continues_steps_and_optimizer_state(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "test=false", "export=false"))
+    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["global_step"] == 2
+    train(tiny_train_config(tmp_path, "trainer.max_epochs=2", "test=false", "export=false", "ckpt_path=last"))
+    second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert second["global_step"] == 4 and second["epoch"] == 1
+    steps = [s["step"] for s in second["optimizer_states"][0]["state"].values()]
+    assert all(int(s) == 4 for s in steps)  # Adam's step counters went on from 2, not from 0
+
+
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
+    from rag_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run_dir=<that run's directory>"):
+        train(tiny_train_config(tmp_path, "ckpt_path=last"))
