@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
+from pipeline_helpers import tiny_train_config
 
 from rag_lightning.pipeline import train
-
-from pipeline_helpers import tiny_train_config
 
 
 @pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
