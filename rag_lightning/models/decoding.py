@@ -337,6 +337,10 @@ def _setup(
         "eos": _resolve(eos_token_id, generator, "eos_token_id", none_is_default=True),
         "pad": _resolve(pad_token_id, generator, "pad_token_id", none_is_default=True),
     }
+    if isinstance(ids["eos"], (list, tuple)):
+        if len(ids["eos"]) != 1:
+            raise ValueError(f"a single eos_token_id is supported, got {ids['eos']}")
+        ids["eos"] = ids["eos"][0]
     if ids["start"] is None or ids["pad"] is None:
         raise ValueError(
             "decoder_start_token_id and pad_token_id must be given or set in the generator's config"
