@@ -122,13 +122,16 @@ class RagModule(L.LightningModule):
             ids, mask = with_specials(
                 batch["question_generator_ids"], batch["question_generator_mask"], self.bos_id, self.eos_id, self.pad_id
             )
-            logits = self.generator(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in).logits
+            logits = self.generator(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, use_cache=False
+            ).logits
             return closed_book_nll(logits, labels, reduction=reduction, **common), None
         ret = self.retrieve(batch, n_docs)
         logits = self.generator(
             input_ids=ret["context_input_ids"],
             attention_mask=ret["context_attention_mask"],
             decoder_input_ids=dec_in.repeat_interleave(n_docs, dim=0),
+            use_cache=False,  # a training forward needs no KV cache
         ).logits
         if self.mode == Mode.rag_token:
             loss = rag_token_nll(logits, ret["doc_scores"], labels, reduction=reduction, **common)
