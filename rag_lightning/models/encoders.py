@@ -123,7 +123,7 @@ def _build(cfg: Any, which: Which) -> DPRQuestionEncoder | DPRContextEncoder:
             )
         return cls.from_pretrained(name, local_files_only=kind == "path")
     if kind == "minilm":
-        src = Path(_get(cfg, "minilm_dir", "") or minilm_dir())
+        src = minilm_dir()
         model = cls(_dpr_config_from_bert(BertConfig.from_json_file(src / "config.json")))
         inner = model.question_encoder if which == "question" else model.ctx_encoder
         load_bert_weights(inner.bert_model, src / "model.safetensors")
@@ -150,7 +150,7 @@ def load_encoder_tokenizer(cfg: Any, which: Which = "question") -> PreTrainedTok
     if kind in ("dpr", "path"):
         name = _get(cfg, f"{which}_name_or_path")
         return AutoTokenizer.from_pretrained(name, local_files_only=kind == "path")
-    src = Path(_get(cfg, "minilm_dir", "") or minilm_dir())
+    src = minilm_dir()
     return BertTokenizerFast.from_pretrained(str(src), local_files_only=True)
 
 

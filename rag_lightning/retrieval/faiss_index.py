@@ -41,7 +41,7 @@ BUILD_DEFAULTS: dict[str, dict[str, int]] = {
 SEARCH_DEFAULTS: dict[str, dict[str, int]] = {
     "flat": {},
     "hnsw": {"ef_search": 128},
-    "ivfpq": {"nprobe": 32, "rerank": 4},
+    "ivfpq": {"nprobe": 32, "rerank": 16},
 }
 ADD_CHUNK = 65_536  # rows copied from the memmap per add(): bounded memory on top of the index itself
 
@@ -80,7 +80,8 @@ def set_num_threads(cfg: Any) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _gpu_resources(index_type: str) -> Any:
+def _to_gpu(index: Any, index_type: str) -> tuple[Any, Any]:
+    """The index cloned to GPU 0, and the GpuResources that must live as long as it (faiss segfaults else)."""
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if not hasattr(faiss, "StandardGpuResources") or gpus == 0:
         raise RuntimeError(
@@ -90,7 +91,10 @@ def _gpu_resources(index_type: str) -> Any:
         )
     if index_type == "hnsw":
         raise RuntimeError("faiss runs HNSW on CPU only: use index=flat or index=ivfpq with index.device=gpu")
-    return faiss.StandardGpuResources()
+    resources = faiss.StandardGpuResources()
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = index_type == "ivfpq"  # float16 lookup tables: needed above 56 PQ bytes per vector
+    return faiss.index_cpu_to_gpu(resources, 0, index, options), resources
 
 
 class PassageIndex:
@@ -103,13 +107,17 @@ class PassageIndex:
         index_type: str,
         build_params: dict[str, int],
         search_params: dict[str, int],
+        *,
+        effective_params: dict[str, int] | None = None,
         manifest: dict[str, Any] | None = None,
+        gpu_resources: Any = None,
     ) -> None:
         self.index, self.vectors, self.index_type = index, vectors, index_type
         self.build_params, self.manifest = build_params, manifest or {}
         self.search_params = dict(search_params)
         # build parameters with automatic values (0) resolved; build_params keeps them as configured
-        self.effective_params = dict(self.manifest.get("effective_params", build_params))
+        self.effective_params = dict(effective_params or build_params)
+        self._gpu_resources = gpu_resources  # a GPU index must not outlive its resources
         self._apply_search_params()
 
     # ---- building -------------------------------------------------------------------------------
@@ -123,7 +131,8 @@ class PassageIndex:
             raise ValueError(f"passage vectors must be (N, d) float32, got {vectors.shape} {vectors.dtype}")
         set_num_threads(cfg)
         n, dim = vectors.shape
-        params = _params(cfg, index_type, BUILD_DEFAULTS)
+        configured = _params(cfg, index_type, BUILD_DEFAULTS)
+        params = dict(configured)
         if index_type == "flat":
             index = faiss.IndexFlatIP(dim)
         elif index_type == "hnsw":
@@ -132,17 +141,23 @@ class PassageIndex:
         else:
             params = {**params, **ivfpq_shape(dim, n, params)}
             index = _untrained_ivfpq(dim, n, params)
+        gpu_resources = None
         if str(_get(cfg, "device", "cpu")) == "gpu":
-            resources = _gpu_resources(index_type)
-            index = faiss.index_cpu_to_gpu(resources, 0, index)
+            index, gpu_resources = _to_gpu(index, index_type)
         if index_type == "ivfpq":
             index.train(_training_sample(vectors, params))
         for start in range(0, n, ADD_CHUNK):
             index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK]))
         search = _params(cfg, index_type, SEARCH_DEFAULTS)
-        built = cls(index, vectors, index_type, _params(cfg, index_type, BUILD_DEFAULTS), search)
-        built.effective_params = params
-        return built
+        return cls(
+            index,
+            vectors,
+            index_type,
+            configured,
+            search,
+            effective_params=params,
+            gpu_resources=gpu_resources,
+        )
 
     def save(self, directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Write index, vectors (unless already there) and the manifest (last); returns the manifest."""
@@ -254,11 +269,20 @@ class PassageIndex:
             )
         index_type = manifest["index_type"]
         set_num_threads(cfg)
+        gpu_resources = None
         if str(_get(cfg, "device", "cpu")) == "gpu":
-            resources = _gpu_resources(index_type)
-            index = faiss.index_cpu_to_gpu(resources, 0, index)
+            index, gpu_resources = _to_gpu(index, index_type)
         search = manifest["search_params"] if cfg is None else _params(cfg, index_type, SEARCH_DEFAULTS)
-        return cls(index, vectors, index_type, manifest["build_params"], search, manifest)
+        return cls(
+            index,
+            vectors,
+            index_type,
+            manifest["build_params"],
+            search,
+            effective_params=manifest.get("effective_params"),
+            manifest=manifest,
+            gpu_resources=gpu_resources,
+        )
 
     # ---- searching ------------------------------------------------------------------------------
     def __len__(self) -> int:
