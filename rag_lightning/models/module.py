@@ -71,6 +71,7 @@ class RagModule(L.LightningModule):
         self.eval_split = "val"
         self.val_samples: list[dict] = []
         self._predictions: list[dict] = []
+        self._frozen_vectors: dict[str, torch.Tensor] = {}
         self.pad_id = generator_tokenizer.pad_token_id
         self.bos_id = generator_tokenizer.bos_token_id
         self.eos_id = generator_tokenizer.eos_token_id
@@ -90,11 +91,30 @@ class RagModule(L.LightningModule):
         return self.cfg.freeze_question_encoder or self.global_step < self.cfg.question_encoder_warmup_steps
 
     def encode_questions(self, batch: dict) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.question_encoder_frozen()):
+        """Question vectors (B, d); differentiable unless the encoder is frozen.
+
+        A frozen encoder runs without dropout and its vectors are cached per question text, so a frozen
+        retriever (the ablation, or the warm-up phase) costs one encoder pass per distinct question.
+        """
+        if not self.question_encoder_frozen():
+            self._frozen_vectors.clear()  # the encoder is training now: cached vectors are stale
             out = self.question_encoder(
                 input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
             )
-        return out.pooler_output
+            return out.pooler_output
+        missing = [i for i, q in enumerate(batch["questions"]) if q not in self._frozen_vectors]
+        if missing:
+            was_training = self.question_encoder.training
+            self.question_encoder.eval()
+            with torch.no_grad():
+                vectors = self.question_encoder(
+                    input_ids=batch["question_input_ids"][missing],
+                    attention_mask=batch["question_attention_mask"][missing],
+                ).pooler_output
+            self.question_encoder.train(was_training)
+            for i, v in zip(missing, vectors):
+                self._frozen_vectors[batch["questions"][i]] = v
+        return torch.stack([self._frozen_vectors[q] for q in batch["questions"]])
 
     def retrieve(self, batch: dict, n_docs: int) -> dict:
         """Top-k passages, their scores (differentiable w.r.t. the question encoder) and the contexts."""

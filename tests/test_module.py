@@ -1,0 +1,91 @@
+"""RagModule pieces: closed-book inputs, the contrastive term, the frozen-encoder cache, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from rag_lightning.config import ModelConfig
+from rag_lightning.models.module import RagModule, _lr_lambda, contrastive_retrieval_loss, with_specials
+
+
+def test_with_specials_wraps_each_question():
+    ids = torch.tensor([[7, 8, 9], [5, 1, 1]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    out, out_mask = with_specials(ids, mask, bos=0, eos=2, pad=1)
+    assert out.tolist() == [[0, 7, 8, 9, 2], [0, 5, 2, 1, 1]]
+    assert out_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_contrastive_loss_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gold = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    loss = contrastive_retrieval_loss(q, gold, torch.tensor([10, 11]))
+    # scores: q0 -> [2, 1], q1 -> [0, 1]; positives on the diagonal
+    expected = -(math.log(math.exp(2) / (math.exp(2) + math.exp(1))) + math.log(math.exp(1) / (1 + math.exp(1)))) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
+def test_contrastive_loss_counts_shared_gold_passages_as_positives():
+    q = torch.randn(3, 4)
+    gold = torch.randn(3, 4)
+    loss = contrastive_retrieval_loss(q, gold, torch.tensor([5, 5, 6]))
+    scores = q @ gold.T
+    log_p = torch.log_softmax(scores, -1)
+    expected = -(
+        torch.logsumexp(log_p[0, :2], 0) + torch.logsumexp(log_p[1, :2], 0) + log_p[2, 2]
+    ) / 3
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+class _CountingEncoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Embedding(50, 4)
+        self.dropout = torch.nn.Dropout(0.5)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += input_ids.shape[0]
+        return SimpleNamespace(pooler_output=self.dropout(self.proj(input_ids[:, 0])))
+
+
+def _module(freeze: bool) -> RagModule:
+    tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    cfg = ModelConfig(freeze_question_encoder=freeze)
+    return RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), cfg, generator_tokenizer=tokenizer)
+
+
+def _batch(questions, ids):
+    return {
+        "questions": questions,
+        "question_input_ids": torch.tensor(ids)[:, None],
+        "question_attention_mask": torch.ones(len(ids), 1, dtype=torch.long),
+    }
+
+
+def test_frozen_encoder_runs_once_per_question_without_dropout():
+    module = _module(freeze=True)
+    first = module.encode_questions(_batch(["a", "b"], [3, 4]))
+    again = module.encode_questions(_batch(["b", "c", "a"], [4, 5, 3]))
+    assert module.question_encoder.calls == 3  # a, b, then only c
+    assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
+    assert torch.equal(first[0], module.question_encoder.proj.weight[3])  # eval mode: no dropout
+    assert module.question_encoder.training  # the encoder's mode is restored
+
+
+def test_training_encoder_is_not_cached_and_has_gradients():
+    module = _module(freeze=False)
+    out = module.encode_questions(_batch(["a"], [3]))
+    module.encode_questions(_batch(["a"], [3]))
+    assert module.question_encoder.calls == 2 and out.requires_grad
+
+
+def test_lr_schedules():
+    linear = _lr_lambda("linear", warmup=10, total=110)
+    assert linear(0) == 0.1 and linear(9) == 1.0 and linear(60) == 0.5 and linear(110) == 0.0
+    cosine = _lr_lambda("cosine", warmup=0, total=100)
+    assert cosine(0) == 1.0 and abs(cosine(50) - 0.5) < 1e-9
+    assert _lr_lambda("constant", warmup=5, total=50)(40) == 1.0
