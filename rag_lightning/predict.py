@@ -6,9 +6,11 @@ import hydra
 from omegaconf import DictConfig
 
 from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.errors import friendly_errors
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@friendly_errors
 def main(cfg: DictConfig) -> None:
     from rag_lightning.pipeline import predict
 
