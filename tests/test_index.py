@@ -274,3 +274,17 @@ def test_mismatched_index_message_names_the_rebuild_command(user_data: Path) -> 
         PassageIndex.load(
             index_dir, expect={"encoder_fingerprint": "x"}, rebuild_command=rebuild_command(cfg)
         )
+
+
+def test_rerank_in_small_chunks_gives_the_same_results(
+    data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rag_lightning.retrieval.faiss_index as fi
+
+    index = PassageIndex.build(data[0], CONFIGS["ivfpq"])
+    whole = index.search(data[1], 10)
+    monkeypatch.setattr(fi, "RERANK_BYTES", 3 * 40 * D * 4)  # 3 queries per chunk, 100 queries
+    chunked = index.search(data[1], 10)
+    assert np.array_equal(whole[1], chunked[1]) and np.array_equal(whole[0], chunked[0])
+    exact = np.einsum("bd,bkd->bk", data[1], data[0][chunked[1]])
+    np.testing.assert_allclose(chunked[0], exact, rtol=0, atol=1e-6)  # re-ranked scores are exact

@@ -44,6 +44,7 @@ SEARCH_DEFAULTS: dict[str, dict[str, int]] = {
     "ivfpq": {"nprobe": 32, "rerank": 16},
 }
 ADD_CHUNK = 65_536  # rows copied from the memmap per add(): bounded memory on top of the index itself
+RERANK_BYTES = 64 * 2**20  # candidate vectors gathered at once when re-ranking
 
 
 class IndexStateError(RuntimeError):
@@ -321,17 +322,19 @@ class PassageIndex:
         return scores, rows.astype(np.int64, copy=False)
 
     def _rerank(self, q: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates (read from the memmap), keeping the best ``k``."""
-        valid = candidates >= 0
-        unique, inverse = np.unique(candidates[valid], return_inverse=True)
-        exact = np.full(candidates.shape, -np.inf, dtype=np.float32)
-        if len(unique):
-            cand_vectors = np.asarray(self.vectors[unique], dtype=np.float32)
-            per_query = np.nonzero(valid)[0]
-            exact[valid] = np.einsum("nd,nd->n", q[per_query], cand_vectors[inverse])
+        """Exact inner products of the candidates (read from the memmap), keeping the best ``k``.
+
+        Queries go in chunks so the gathered candidate vectors stay under RERANK_BYTES whatever the batch.
+        """
+        exact = np.empty(candidates.shape, dtype=np.float32)
+        per_chunk = max(1, RERANK_BYTES // (candidates.shape[1] * self.dim * 4))
+        for start in range(0, len(q), per_chunk):
+            cand = candidates[start : start + per_chunk]
+            vectors = np.asarray(self.vectors[np.maximum(cand, 0).ravel()], dtype=np.float32)
+            scores = np.einsum("bd,bkd->bk", q[start : start + per_chunk], vectors.reshape(*cand.shape, -1))
+            exact[start : start + per_chunk] = np.where(cand >= 0, scores, -np.inf)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        rows = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)
-        return np.take_along_axis(exact, order, axis=1), rows
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
 def _on_gpu(index: Any) -> bool:
