@@ -23,7 +23,7 @@ def summary_table(store_dir: str, index_dir: str) -> Table:
     index = json.loads((Path(index_dir) / MANIFEST_FILE).read_text())
     table = Table(title="retrieval index")
     table.add_column("item")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     table.add_row("passages", f"{store.get('passages', 0):,}")
     table.add_row(
         "tokens (generator / context encoder)",
