@@ -25,10 +25,11 @@ RESOLVED_CONFIG = "config_resolved.yaml"
 
 # ------------------------------------------------------------------------------------------ pieces
 def build_retriever(cfg: DictConfig):
-    """Corpus store + FAISS index (built or checked by ensure_index) behind the Retriever API."""
-    from rag_lightning.retrieval.build import open_retriever
+    """Corpus store + FAISS index (built or checked by ensure_index) behind the Retriever API; under DDP the
+    ranks search their shards of the index (or each the whole one), as ``index.distributed`` says."""
+    from rag_lightning.retrieval.distributed import open_distributed_retriever
 
-    return open_retriever(cfg)
+    return open_distributed_retriever(cfg)
 
 
 def build_module(cfg: DictConfig, model_cfg: ModelConfig, generator_tokenizer, retriever) -> Any:
