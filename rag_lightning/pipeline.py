@@ -122,6 +122,37 @@ def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     return path
 
 
+def sweep_job() -> tuple[Path, str, list[str]] | None:
+    """(sweep directory, job id, job overrides) when this Hydra job belongs to a sweep, else None.
+
+    A job belongs to a sweep when its output directory lies inside ``hydra.sweep.dir``: true for every job of
+    ``-m`` and for its DDP children, which get the sweep's directory on their command line (rag_lightning/ddp.py).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    output_dir, sweep_dir = Path(hc.runtime.output_dir).resolve(), Path(str(hc.sweep.dir)).resolve()
+    if output_dir == sweep_dir or not output_dir.is_relative_to(sweep_dir):
+        return None
+    return sweep_dir, str(output_dir.relative_to(sweep_dir)), list(hc.overrides.task)
+
+
+def group_sweep_runs(cfg: DictConfig) -> None:
+    """One wandb group per sweep (``<group>-<sweep dir name>``), each job's run named ``<group>-<job id>`` and
+    tagged with the job's overrides; a single run keeps the configured name and group."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    job = sweep_job()
+    if not wandb_cfg or job is None:
+        return
+    sweep_dir, job_id, overrides = job
+    base = str(wandb_cfg.get("group") or cfg.get("task_name") or "sweep")
+    wandb_cfg.group = f"{base}-{sweep_dir.name}"
+    wandb_cfg.name = f"{base}-{job_id}"
+    wandb_cfg.tags = [*(wandb_cfg.get("tags") or []), *(o[:64] for o in overrides)]  # wandb's tag limit: 64
+
+
 def finish_loggers() -> None:
     """Close the wandb run whatever happened, so one failed job does not spoil a sweep."""
     try:
@@ -141,6 +172,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         model_cfg, module, datamodule = setup(cfg)
         ckpt_path = resolve_ckpt_path(cfg)
+        group_sweep_runs(cfg)
         save_resolved_config(cfg, output_dir)
         trainer = build_trainer(cfg, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
         log_effective_batch(trainer, cfg)
