@@ -288,3 +288,19 @@ def test_rerank_in_small_chunks_gives_the_same_results(
     assert np.array_equal(whole[1], chunked[1]) and np.array_equal(whole[0], chunked[0])
     exact = np.einsum("bd,bkd->bk", data[1], data[0][chunked[1]])
     np.testing.assert_allclose(chunked[0], exact, rtol=0, atol=1e-6)  # re-ranked scores are exact
+
+
+def test_concurrent_ensure_index_calls_build_once_and_agree(user_data: Path) -> None:
+    """Parallel sweep jobs / DDP ranks share the cache: the lock lets one build while the other waits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag_lightning.retrieval.build import ensure_index
+
+    cfg = compose_index_cfg(user_data)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(ensure_index, [cfg, cfg]))
+    assert results[0] == results[1]
+    assert PassageIndex.load(results[0][1], expect={}).search(np.zeros((1, 32), np.float32), 3)[1].shape == (
+        1,
+        3,
+    )

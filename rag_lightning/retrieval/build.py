@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +172,32 @@ def _encode_device(cfg: Any) -> str:
     return device
 
 
+@contextmanager
+def build_lock(cfg: Any) -> Iterator[None]:
+    """One check-or-build at a time per cache directory: parallel sweep jobs and DDP ranks share the store,
+    the vectors and the index, and must not write them at the same time (the others then reuse them)."""
+    path = Path(str(cfg.paths.cache_dir)) / ".retrieval.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, run builds one at a time
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _ensure(cfg: Any) -> tuple[CorpusStore, Path, dict[str, Any], Any]:
     prepare_data(cfg)
+    with build_lock(cfg):
+        return _ensure_locked(cfg)
+
+
+def _ensure_locked(cfg: Any) -> tuple[CorpusStore, Path, dict[str, Any], Any]:
     qe_cfg = cfg.model.question_encoder
     gen_tokenizer = generator_tokenizer(cfg)
     store = ensure_store(cfg, gen_tokenizer, load_encoder_tokenizer(qe_cfg, "context"))
