@@ -259,7 +259,7 @@ def print_results(results: dict[str, float], output_dir: Path, splits: list[str]
     table.add_column("split")
     for c in columns:
         table.add_column(c, justify="right")
-    for split in ["val", *splits]:
+    for split in dict.fromkeys(["val", *splits]):
         if any(f"{split}/{c}" in results for c in columns):
             table.add_row(split, *(f"{results[f'{split}/{c}']:.4f}" if f"{split}/{c}" in results else "-" for c in columns))
     console = Console()

@@ -230,7 +230,7 @@ class RagModule(L.LightningModule):
             mode=dec.sequence_mode.value if hasattr(dec.sequence_mode, "value") else dec.sequence_mode,
         )
 
-    def _evaluate(self, batch: dict, prefix: str) -> None:
+    def _evaluate(self, batch: dict, prefix: str, *, keep_predictions: bool) -> None:
         n_docs = self.cfg.eval_n_docs or self.cfg.n_docs
         batch_size = batch["labels"].shape[0]
         nll, ret = self.nll(batch, n_docs, "mean")
@@ -269,18 +269,18 @@ class RagModule(L.LightningModule):
                 record["doc_probs"] = [round(p, 5) for p in probs[i]]
                 record["passage_titles"] = [self.retriever.store.title(r) for r in ret["rows"][i].tolist()]
             records.append(record)
-        if prefix == "val" and len(self.val_samples) < self.sample_table_size:
-            self.val_samples.extend(records[: self.sample_table_size - len(self.val_samples)])
-        if prefix != "val":
+        if keep_predictions:
             self._predictions.extend(records)
+        elif len(self.val_samples) < self.sample_table_size:
+            self.val_samples.extend(records[: self.sample_table_size - len(self.val_samples)])
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", keep_predictions=False)
 
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.eval_split)
+        self._evaluate(batch, self.eval_split, keep_predictions=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
