@@ -75,6 +75,8 @@ class ModelConfig:
     loss_reduction: str = "token_mean"
     # weight of the retriever's contrastive (DPR) loss on gold passages; 0 turns the multi-task term off
     retrieval_loss_weight: float = 0.0
+    # training-time augmentation: swap answers between examples in contexts and targets (models/augment.py)
+    answer_swap_prob: float = 0.0
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -90,6 +92,8 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _one_of(f"{prefix}.loss_reduction", self.loss_reduction, ("token_mean", "mean", "sum"))
         _at_least(f"{prefix}.retrieval_loss_weight", self.retrieval_loss_weight, 0.0)
+        if not 0.0 <= self.answer_swap_prob <= 1.0:
+            raise ConfigError(f"{prefix}.answer_swap_prob={self.answer_swap_prob} must be in [0, 1]")
         self.optim.check(f"{prefix}.optim")
         self.decoding.check(f"{prefix}.decoding")
 

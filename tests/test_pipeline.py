@@ -88,3 +88,11 @@ def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="run_dir=<that run's directory>"):
         train(tiny_train_config(tmp_path, "ckpt_path=last"))
+
+
+def test_answer_swapping_and_copy_head_train(tmp_path):
+    cfg = tiny_train_config(
+        tmp_path, "debug=fast_dev_run", "model.answer_swap_prob=1.0", "model.generator.copy=true"
+    )
+    results = train(cfg)
+    assert "test/em" in results

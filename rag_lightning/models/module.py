@@ -19,6 +19,7 @@ from torch import nn
 
 from rag_lightning import metrics
 from rag_lightning.config import Mode, ModelConfig
+from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
 
@@ -147,6 +148,19 @@ class RagModule(L.LightningModule):
             ).logits
             return closed_book_nll(logits, labels, reduction=reduction, **common), None
         ret = self.retrieve(batch, n_docs)
+        if self.training and self.cfg.answer_swap_prob > 0:
+            ids, mask, labels, dec_in = swap_answers(
+                ret["context_input_ids"],
+                labels,
+                n_docs=n_docs,
+                pad_id=self.pad_id,
+                eos_id=self.eos_id,
+                decoder_start_id=int(dec_in[0, 0]),
+                prob=self.cfg.answer_swap_prob,
+            )
+            device = ret["context_input_ids"].device
+            ret["context_input_ids"], ret["context_attention_mask"] = ids.to(device), mask.to(device)
+            labels, dec_in = labels.to(device), dec_in.to(device)
         logits = self.generator(
             input_ids=ret["context_input_ids"],
             attention_mask=ret["context_attention_mask"],

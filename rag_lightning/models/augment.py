@@ -1,0 +1,83 @@
+"""Answer swapping: a training-time augmentation that makes memorising answers useless.
+
+For an example whose answer occurs in its retrieved contexts, the answer tokens are replaced, in every
+context and in the target, by another example's answer. The generator can then only be right by reading
+(copying) the passage, never by recalling what it saw for the same question before.  Everything is done
+on token ids: no string is decoded or re-tokenised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _find(haystack: list[int], needle: list[int]) -> list[int]:
+    """Start positions of non-overlapping occurrences of `needle` in `haystack`."""
+    starts, i, n = [], 0, len(needle)
+    while n and i + n <= len(haystack):
+        if haystack[i : i + n] == needle:
+            starts.append(i)
+            i += n
+        else:
+            i += 1
+    return starts
+
+
+def _replace(seq: list[int], old: list[int], new: list[int]) -> list[int]:
+    out, last = [], 0
+    for start in _find(seq, old):
+        out += seq[last:start] + new
+        last = start + len(old)
+    return out + seq[last:]
+
+
+def swap_answers(
+    context_input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_docs: int,
+    pad_id: int,
+    eos_id: int,
+    decoder_start_id: int,
+    prob: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Swap answers between the examples of a batch.
+
+    context_input_ids (B*K, L) right-padded, contexts of example b in rows b*K..b*K+K-1; labels (B, T)
+    the answer tokens then `</s>`, right-padded.  Each example is picked with probability `prob`; it takes
+    the answer of another example (a random one with a different answer) wherever its own answer occurs in
+    its contexts.  Examples whose answer occurs in none of their contexts are left alone.  Returns new
+    (context_input_ids, context_attention_mask, labels, decoder_input_ids), padded to their new widths.
+    """
+    batch = labels.shape[0]
+    answers = [[t for t in row.tolist() if t not in (pad_id, eos_id)] for row in labels]
+    contexts = [[t for t in row.tolist() if t != pad_id] for row in context_input_ids]
+    picked = torch.rand(batch, generator=generator) < prob
+    donors = torch.randint(0, max(batch - 1, 1), (batch,), generator=generator)
+    new_answers = list(answers)
+    for b in range(batch):
+        if not picked[b] or not answers[b] or batch < 2:
+            continue
+        donor = int(donors[b]) + (int(donors[b]) >= b)  # any example but b itself
+        if answers[donor] == answers[b] or not answers[donor]:
+            continue
+        rows = range(b * n_docs, (b + 1) * n_docs)
+        if not any(_find(contexts[r], answers[b]) for r in rows):
+            continue
+        for r in rows:
+            contexts[r] = _replace(contexts[r], answers[b], answers[donor])
+        new_answers[b] = answers[donor]
+    ctx_ids = _pad(contexts, pad_id)
+    targets = [a + [eos_id] for a in new_answers]
+    new_labels = _pad(targets, pad_id)
+    decoder_input_ids = _pad([[decoder_start_id] + t[:-1] for t in targets], pad_id)
+    return ctx_ids, (ctx_ids != pad_id).long(), new_labels, decoder_input_ids
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
