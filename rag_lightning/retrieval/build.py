@@ -242,19 +242,8 @@ def ensure_index(cfg: Any) -> tuple[str, str]:
     return str(store.dir), str(index_dir)
 
 
-def open_retriever(cfg: Any) -> Retriever:
-    """The Retriever a training / eval / predict run uses: store and index ensured, then loaded.
-
-    Context length and layout come from the root config's ``context`` node when it has one.
-    """
-    store, index_dir, expect, gen_tokenizer = _ensure(cfg)
-    index = PassageIndex.load(
-        index_dir,
-        expect=expect,
-        cfg=cfg.index,
-        rebuild_command=rebuild_command(cfg),
-        verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
-    )
+def make_retriever(cfg: Any, index: Any, store: CorpusStore, gen_tokenizer: Any) -> Retriever:
+    """A Retriever over `index` and `store`; context length and layout from the root config's `context`."""
     context = cfg.get("context")
     return Retriever(
         index,
@@ -266,3 +255,16 @@ def open_retriever(cfg: Any) -> Retriever:
         eos_id=gen_tokenizer.eos_token_id,
         pad_id=gen_tokenizer.pad_token_id,
     )
+
+
+def open_retriever(cfg: Any) -> Retriever:
+    """The single-process Retriever: store and index ensured, then loaded."""
+    store, index_dir, expect, gen_tokenizer = _ensure(cfg)
+    index = PassageIndex.load(
+        index_dir,
+        expect=expect,
+        cfg=cfg.index,
+        rebuild_command=rebuild_command(cfg),
+        verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
+    )
+    return make_retriever(cfg, index, store, gen_tokenizer)

@@ -403,7 +403,7 @@ class DistributedRetriever:
 def open_distributed_retriever(cfg: Any) -> DistributedRetriever:
     """The retriever of a training / eval / predict run: store and index ensured (built when missing),
     the index opened lazily, searched as ``index.distributed`` says (default ``sharded``)."""
-    from rag_lightning.retrieval.build import _ensure, _opt, rebuild_command
+    from rag_lightning.retrieval.build import _ensure, _opt, make_retriever, rebuild_command
 
     mode = str(_opt(cfg.index, "distributed", "sharded"))
     if mode not in MODES:
@@ -416,15 +416,5 @@ def open_distributed_retriever(cfg: Any) -> DistributedRetriever:
         rebuild_command=rebuild_command(cfg),
         verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
     )
-    context = cfg.get("context")
-    retriever = Retriever(
-        index,  # type: ignore[arg-type]  # the PassageIndex API, read lazily
-        store,
-        max_context_length=int(_opt(context, "max_length", 128)),
-        layout=str(_opt(context, "layout", "question_first")),
-        title_separator=store.title_separator,
-        bos_id=gen_tokenizer.bos_token_id,
-        eos_id=gen_tokenizer.eos_token_id,
-        pad_id=gen_tokenizer.pad_token_id,
-    )
+    retriever = make_retriever(cfg, index, store, gen_tokenizer)
     return DistributedRetriever(retriever, mode, cfg.index)
