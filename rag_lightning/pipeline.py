@@ -330,6 +330,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False)
     records = [r for batch in trainer.predict(module, datamodule=datamodule) for r in batch]
     out = Path(cfg.paths.output_dir) / "predictions.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     for r in records:
         print(f"Q: {r['question']}\nA: {r['answer']}")

@@ -96,3 +96,25 @@ def test_answer_swapping_and_copy_head_train(tmp_path):
     )
     results = train(cfg)
     assert "test/em" in results
+
+
+def test_predict_answers_with_the_passages_used(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from rag_lightning.conf_path import CONFIG_DIR
+    from rag_lightning.pipeline import predict
+
+    train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "test=false", "export=false"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("predict", overrides=[f"ckpt_path={ckpt}", "question=What is the capital of Hyrule?",
+                                            "accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "predict")
+    records = predict(cfg)
+    assert len(records) == 1 and records[0]["question"] == "What is the capital of Hyrule?"
+    assert len(records[0]["passages"]) == 2 and {"id", "title", "text", "p"} <= set(records[0]["passages"][0])
+    assert abs(sum(p["p"] for p in records[0]["passages"]) - 1.0) < 1e-3
+    assert "Q: What is the capital of Hyrule?" in capsys.readouterr().out
+    assert (tmp_path / "predict" / "predictions.jsonl").is_file()
