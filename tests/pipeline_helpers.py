@@ -38,28 +38,30 @@ def write_tiny_world(root: Path) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
+def tiny_overrides(root: Path) -> list[str]:
+    """`experiment=tiny` on the tiny world under `root` (data written on first use), as CLI overrides."""
+    data = root / "data"
+    files = write_tiny_world(data) if not (data / "corpus.jsonl").exists() else {
+        k: str(data / f"{k}.jsonl") for k in ("corpus", "train", "val", "test")
+    }
+    return [
+        "experiment=tiny",
+        "data=jsonl",
+        f"data.dir={data}",
+        f"data.corpus_file={files['corpus']}",
+        f"data.train_file={files['train']}",
+        f"data.val_file={files['val']}",
+        f"data.test_file={files['test']}",
+        "data.tokenizer.vocab_size=300",
+        f"paths.cache_dir={root / 'cache'}",
+        "index.progress=false",
+    ]
+
+
 def tiny_train_config(root: Path, *overrides: str, run_dir: Path | None = None) -> DictConfig:
     """`rag-train experiment=tiny` on the tiny world, as composed by Hydra (output dir given explicitly)."""
-    files = write_tiny_world(root / "data") if not (root / "data" / "corpus.jsonl").exists() else {
-        k: str(root / "data" / f"{k}.jsonl") for k in ("corpus", "train", "val", "test")
-    }
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "experiment=tiny",
-                "data=jsonl",
-                f"data.dir={root / 'data'}",
-                f"data.corpus_file={files['corpus']}",
-                f"data.train_file={files['train']}",
-                f"data.val_file={files['val']}",
-                f"data.test_file={files['test']}",
-                "data.tokenizer.vocab_size=300",
-                f"paths.cache_dir={root / 'cache'}",
-                "index.progress=false",
-                *overrides,
-            ],
-        )
+        cfg = compose("train", overrides=[*tiny_overrides(root), *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir or root / "run")
     OmegaConf.resolve(cfg)

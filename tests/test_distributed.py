@@ -185,24 +185,9 @@ def test_two_ranks_sharded_approximate_types_score_exactly_and_never_worse(two_r
 # ------------------------------------------------------------------------------------------ DDP training
 def tiny_cli_overrides(root: Path) -> list[str]:
     """The overrides of tests/pipeline_helpers.tiny_train_config, for `rag-train` in a subprocess."""
-    from pipeline_helpers import write_tiny_world
+    from pipeline_helpers import tiny_overrides
 
-    data = root / "data"
-    files = write_tiny_world(data) if not (data / "corpus.jsonl").exists() else {
-        k: str(data / f"{k}.jsonl") for k in ("corpus", "train", "val", "test")
-    }
-    return [
-        "experiment=tiny",
-        "data=jsonl",
-        f"data.dir={data}",
-        f"data.corpus_file={files['corpus']}",
-        f"data.train_file={files['train']}",
-        f"data.val_file={files['val']}",
-        f"data.test_file={files['test']}",
-        "data.tokenizer.vocab_size=300",
-        f"paths.cache_dir={root / 'cache'}",
-        "index.progress=false",
-    ]
+    return tiny_overrides(root)
 
 
 def rag_train(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

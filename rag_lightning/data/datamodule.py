@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rag_lightning.config import ConfigError
 from rag_lightning.data.readers import QAExample, read_qa
+from rag_lightning.padding import pad_right
 
 
 @dataclass
@@ -63,16 +64,6 @@ def encode_examples(
     ]
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), max(length, 1)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 class Collator:
     """Pads a list of EncodedQA into the tensors a RAG step needs; strings ride along for metrics."""
 
@@ -82,9 +73,9 @@ class Collator:
         self.decoder_start_id = decoder_start_id
 
     def __call__(self, items: Sequence[EncodedQA]) -> dict:
-        q_ids, q_mask = _pad([it.question_encoder_ids for it in items], self.question_pad_id)
-        qg_ids, qg_mask = _pad([it.question_generator_ids for it in items], self.generator_pad_id)
-        labels, _ = _pad([it.target_ids for it in items], self.generator_pad_id)
+        q_ids, q_mask = pad_right([it.question_encoder_ids for it in items], self.question_pad_id)
+        qg_ids, qg_mask = pad_right([it.question_generator_ids for it in items], self.generator_pad_id)
+        labels, _ = pad_right([it.target_ids for it in items], self.generator_pad_id)
         decoder_input_ids = torch.full_like(labels, self.generator_pad_id)
         decoder_input_ids[:, 0] = self.decoder_start_id
         decoder_input_ids[:, 1:] = labels[:, :-1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from rag_lightning.padding import pad_right
+
 
 def _find(haystack: list[int], needle: list[int]) -> list[int]:
     """Start positions of non-overlapping occurrences of `needle` in `haystack`."""
@@ -68,16 +70,9 @@ def swap_answers(
         for r in rows:
             contexts[r] = _replace(contexts[r], answers[b], answers[donor])
         new_answers[b] = answers[donor]
-    ctx_ids = _pad(contexts, pad_id)
+    ctx_ids, ctx_mask = pad_right(contexts, pad_id)
     targets = [a + [eos_id] for a in new_answers]
-    new_labels = _pad(targets, pad_id)
-    decoder_input_ids = _pad([[decoder_start_id] + t[:-1] for t in targets], pad_id)
-    return ctx_ids, (ctx_ids != pad_id).long(), new_labels, decoder_input_ids
+    new_labels, _ = pad_right(targets, pad_id)
+    decoder_input_ids, _ = pad_right([[decoder_start_id] + t[:-1] for t in targets], pad_id)
+    return ctx_ids, ctx_mask, new_labels, decoder_input_ids
 
-
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out

@@ -21,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rag_lightning.models.encoders import encode_questions, encoder_fingerprint
+from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.store import CorpusStore
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def _batch(store: CorpusStore, rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seqs = [store.ctx_tokens(int(r)) for r in rows]
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    return pad_right([store.ctx_tokens(int(r)) for r in rows], pad_id)
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.faiss_index import PassageIndex
 from rag_lightning.retrieval.store import CorpusStore
 
@@ -130,10 +131,4 @@ class Retriever:
                 passage = self.store.gen_tokens(int(row))[:room]
                 parts = (q, sep, passage) if self.layout == "question_first" else (passage, sep, q)
                 contexts.append(np.concatenate([[bos_id], *parts, [eos_id]]).astype(np.int64))
-        width = max(len(c) for c in contexts)
-        input_ids = np.full((len(contexts), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(contexts), width), dtype=np.int64)
-        for i, c in enumerate(contexts):
-            input_ids[i, : len(c)] = c
-            mask[i, : len(c)] = 1
-        return torch.from_numpy(input_ids), torch.from_numpy(mask)
+        return pad_right(contexts, pad_id)
