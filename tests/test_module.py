@@ -89,3 +89,21 @@ def test_lr_schedules():
     cosine = _lr_lambda("cosine", warmup=0, total=100)
     assert cosine(0) == 1.0 and abs(cosine(50) - 0.5) < 1e-9
     assert _lr_lambda("constant", warmup=5, total=50)(40) == 1.0
+
+
+def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
+    vectors = torch.randn(3, 4).numpy()
+
+    class Store:
+        def row_of(self, pid):
+            if pid not in {"a": 0, "b": 1, "c": 2}:
+                raise KeyError(pid)
+            return {"a": 0, "b": 1, "c": 2}[pid]
+
+    module = _module(freeze=False)
+    module.retriever = SimpleNamespace(store=Store(), index=SimpleNamespace(vectors=vectors))
+    q = torch.randn(4, 4)
+    batch = {"gold_passage_ids": [["a"], ["zz"], [], ["c"]]}
+    loss = module.retrieval_loss(batch, {"question_vectors": q})
+    expected = contrastive_retrieval_loss(q[[0, 3]], torch.from_numpy(vectors[[0, 2]]), torch.tensor([0, 2]))
+    assert torch.allclose(loss, expected)

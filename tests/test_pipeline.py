@@ -90,9 +90,10 @@ def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
         train(tiny_train_config(tmp_path, "ckpt_path=last"))
 
 
-def test_answer_swapping_and_copy_head_train(tmp_path):
+def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path):
     cfg = tiny_train_config(
-        tmp_path, "debug=fast_dev_run", "model.answer_swap_prob=1.0", "model.generator.copy=true"
+        tmp_path, "debug=fast_dev_run", "model.answer_swap_prob=1.0", "model.generator.copy=true",
+        "model.retrieval_loss_weight=1.0",
     )
     results = train(cfg)
     assert "test/em" in results

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -185,16 +186,18 @@ class RagModule(L.LightningModule):
         """The optional multi-task term: the retriever's contrastive loss where gold passages are known."""
         keep, gold_rows = [], []
         for i, gold in enumerate(batch["gold_passage_ids"]):
-            row = self.retriever.store.row_of(gold[0]) if gold else None
-            if row is not None:
+            try:
+                gold_rows.append(self.retriever.store.row_of(gold[0]) if gold else None)
+            except KeyError:  # a gold id outside this corpus: the example has no positive here
+                gold_rows.append(None)
+            if gold_rows[-1] is not None:
                 keep.append(i)
-                gold_rows.append(row)
+        gold_rows = [r for r in gold_rows if r is not None]
         if len(keep) < 2:
             return None
         q = ret["question_vectors"][keep]
-        gold = torch.from_numpy(self.retriever.index.vectors[sorted(set(gold_rows))])
-        position = {r: j for j, r in enumerate(sorted(set(gold_rows)))}
-        gold_vectors = gold[[position[r] for r in gold_rows]].to(q.device, q.dtype)
+        gold_vectors = torch.from_numpy(np.asarray(self.retriever.index.vectors[gold_rows], dtype=np.float32))
+        gold_vectors = gold_vectors.to(q.device, q.dtype)
         return contrastive_retrieval_loss(q, gold_vectors, torch.tensor(gold_rows, device=q.device))
 
     # ---------------------------------------------------------------- Lightning hooks
