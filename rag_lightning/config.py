@@ -77,6 +77,8 @@ class ModelConfig:
     retrieval_loss_weight: float = 0.0
     # training-time augmentation: swap answers between examples in contexts and targets (models/augment.py)
     answer_swap_prob: float = 0.0
+    # curriculum: for this many training steps a missed gold passage takes the last retrieved slot
+    gold_passage_steps: int = 0
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -88,6 +90,7 @@ class ModelConfig:
         if self.eval_n_docs is not None:
             _positive(f"{prefix}.eval_n_docs", self.eval_n_docs)
         _at_least(f"{prefix}.question_encoder_warmup_steps", self.question_encoder_warmup_steps, 0)
+        _at_least(f"{prefix}.gold_passage_steps", self.gold_passage_steps, 0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _one_of(f"{prefix}.loss_reduction", self.loss_reduction, ("token_mean", "mean", "sum"))

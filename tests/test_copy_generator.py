@@ -4,11 +4,18 @@ import pytest
 import torch
 from transformers import BartConfig
 
-from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration, copy_mixture_log_probs
+from rag_lightning.models.copy_generator import (
+    CopyBartForConditionalGeneration,
+    continuation_feature,
+    copy_mixture_log_probs,
+    question_match_feature,
+)
 
 
-def _model(seed: int = 0) -> CopyBartForConditionalGeneration:
+def _model(seed: int = 0, continuation: bool = False, match: bool = False) -> CopyBartForConditionalGeneration:
     cfg = BartConfig(
+        copy_continuation=continuation,
+        question_match_separator=[7, 8] if match else None,
         vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
@@ -49,8 +56,58 @@ def test_loss_is_the_mean_token_nll_of_the_mixture():
     assert math.isclose(out.loss.item(), -(picked[keep]).mean().item(), rel_tol=1e-6)
 
 
-def test_incremental_decoding_with_cache_equals_full_forward():
-    model = _model(seed=3)
+def test_continuation_feature_marks_positions_after_the_emitted_token():
+    source = torch.tensor([[0, 5, 6, 5, 7, 2]])
+    dec = torch.tensor([[2, 5, 7]])
+    got = continuation_feature(source, dec)
+    expected = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0],  # after </s>: nothing in the source follows it
+            [0, 0, 1, 0, 1, 0],  # after 5: positions 2 and 4 follow a 5
+            [0, 0, 0, 0, 0, 1],  # after 7: position 5
+        ],
+        dtype=torch.float,
+    )
+    assert torch.equal(got[0], expected)
+
+
+def test_continuation_weight_moves_the_pointer_to_the_next_position():
+    model = _model(seed=2, continuation=True)
+    dec = torch.tensor([[2, 5], [2, 9]])
+    with torch.no_grad():
+        model.copy_continue.weight.zero_()
+        model.copy_continue.bias.fill_(0.0)
+        before = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
+        model.copy_continue.bias.fill_(30.0)
+        after = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
+    # after emitting 5 the pointer now sits on the 6 that follows it in the source
+    assert after[0, 1, 6] > before[0, 1, 6]
+    assert torch.allclose(after.exp().sum(-1), torch.ones(2, 2), atol=1e-5)
+
+
+def test_question_match_marks_tokens_shared_across_the_separator():
+    # <s> q: 10 11 12 // passage: 13 11 10 14 </s> <pad>; 7 8 is the separator
+    ids = torch.tensor([[0, 10, 11, 12, 7, 8, 13, 11, 10, 14, 2, 1], [0, 10, 11, 2, 1, 1, 1, 1, 1, 1, 1, 1]])
+    got = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2])
+    assert got[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0]
+    assert got[1].tolist() == [0] * 12  # no separator: no question/passage split
+
+
+def test_question_match_embedding_changes_only_matching_inputs():
+    model = _model(seed=4, match=True)
+    ids = torch.tensor([[0, 10, 11, 7, 8, 11, 12, 2]])
+    with torch.no_grad():
+        model.match_embedding.weight.zero_()
+        base = model.get_encoder()(input_ids=ids).last_hidden_state
+        model.match_embedding.weight[1] = 1.0
+        marked = model.get_encoder()(input_ids=ids).last_hidden_state
+    assert not torch.allclose(base, marked)
+    assert torch.equal(marked[..., -1], ids.float())  # the id channel is untouched
+
+
+@pytest.mark.parametrize(("continuation", "match"), [(False, False), (True, False), (True, True)])
+def test_incremental_decoding_with_cache_equals_full_forward(continuation, match):
+    model = _model(seed=3, continuation=continuation, match=match)
     dec = torch.tensor([[2, 5, 6, 7], [2, 9, 30, 11]])
     full = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
     enc = model.get_encoder()(input_ids=SOURCE, attention_mask=MASK)
@@ -64,8 +121,9 @@ def test_incremental_decoding_with_cache_equals_full_forward():
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_generate_with_and_without_cache_agree():
-    model = _model(seed=5)
+@pytest.mark.parametrize("continuation", [False, True])
+def test_generate_with_and_without_cache_agree(continuation):
+    model = _model(seed=5, continuation=continuation)
     kwargs = {"input_ids": SOURCE, "attention_mask": MASK, "max_new_tokens": 6, "do_sample": False}
     for beams in (1, 3):
         with_cache = model.generate(num_beams=beams, **kwargs)
@@ -73,8 +131,9 @@ def test_generate_with_and_without_cache_agree():
         assert torch.equal(with_cache, without)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model = _model()
+@pytest.mark.parametrize(("continuation", "match"), [(False, False), (True, True)])
+def test_save_and_load_round_trip(tmp_path, continuation, match):
+    model = _model(continuation=continuation, match=match)
     model.save_pretrained(tmp_path)
     again = CopyBartForConditionalGeneration.from_pretrained(tmp_path).eval()
     dec = torch.tensor([[2, 5], [2, 9]])
@@ -88,3 +147,42 @@ def test_foreign_encoder_states_are_refused():
     plain = model.model.encoder(input_ids=SOURCE, attention_mask=MASK)
     with pytest.raises(ValueError, match="token-id channel"):
         model(encoder_outputs=(plain.last_hidden_state,), attention_mask=MASK, decoder_input_ids=SOURCE[:, :1])
+
+
+def test_build_generator_wires_continuation_and_refuses_it_without_copy():
+    from omegaconf import OmegaConf
+
+    from rag_lightning.config import ConfigError
+    from rag_lightning.models.generator import build_generator
+
+    class _Tok:
+        pad_token_id, bos_token_id, eos_token_id = 1, 0, 2
+
+        def __len__(self) -> int:
+            return 40
+
+    arch = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
+    cfg = OmegaConf.create({"kind": "random", "copy": True, "copy_continuation": True, "config": arch})
+    model = build_generator(cfg, _Tok())
+    assert isinstance(model, CopyBartForConditionalGeneration) and model.copy_continue is not None
+    assert model.match_embedding is None
+    cfg.copy = False
+    with pytest.raises(ConfigError, match="copy_continuation=true needs model.generator.copy=true"):
+        build_generator(cfg, _Tok())
+
+
+def test_build_generator_gives_question_match_the_context_separator(tmp_path):
+    from omegaconf import OmegaConf
+    from test_store import make_gen_tokenizer
+
+    from rag_lightning.models.generator import build_generator
+    from rag_lightning.retrieval.store import piece_ids
+
+    tok = make_gen_tokenizer(tmp_path / "tok")
+    arch = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
+    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": True, "config": arch})
+    model = build_generator(cfg, tok)
+    assert model.config.question_match_separator == piece_ids(tok, "//")
+    assert model.match_embedding is not None

@@ -107,3 +107,34 @@ def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
     loss = module.retrieval_loss(batch, {"question_vectors": q})
     expected = contrastive_retrieval_loss(q[[0, 3]], torch.from_numpy(vectors[[0, 2]]), torch.tensor([0, 2]))
     assert torch.allclose(loss, expected)
+
+
+def test_gold_curriculum_applies_only_in_training_before_its_step_limit():
+    calls = []
+
+    class FakeRetriever:
+        def retrieve(self, q, k):
+            return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long),
+                                   vectors=torch.zeros(q.shape[0], k, 4), passage_ids=[["x"] * k] * q.shape[0])
+
+        def with_gold(self, found, gold, q):
+            calls.append(gold)
+            return found
+
+        def build_contexts(self, question_ids, rows):
+            return torch.zeros(rows.numel(), 3, dtype=torch.long), torch.ones(rows.numel(), 3, dtype=torch.long)
+
+    tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    module = RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), ModelConfig(gold_passage_steps=5),
+                       generator_tokenizer=tokenizer, retriever=FakeRetriever())
+    batch = _batch(["a"], [3]) | {"gold_passage_ids": [["g"]], "question_generator_ids": torch.tensor([[7]]),
+                                  "question_generator_mask": torch.tensor([[1]])}
+    module.retrieve(batch, 2)
+    assert calls == [[["g"]]]
+    module.eval()
+    module.retrieve(batch, 2)
+    assert len(calls) == 1  # evaluation always reads what the search found
+    module.train()
+    module.cfg.gold_passage_steps = 0
+    module.retrieve(batch, 2)
+    assert len(calls) == 1

@@ -94,3 +94,26 @@ def test_mismatched_parts_are_refused(parts, tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="layout"):
         Retriever(index, store, max_context_length=64, layout="sideways")
+
+
+def test_with_gold_puts_a_missed_gold_passage_in_the_last_slot(parts) -> None:
+    _, store, index = parts
+    retriever = Retriever(index, store, max_context_length=64)
+    q = torch.randn(4, 16)
+    found = retriever.retrieve(q, 3)
+    rows = found.rows.tolist()
+    outside = [r for r in range(30) if r not in rows[0]][0]
+    gold = [
+        [store.passage_id(outside)],  # missed: takes the last slot
+        [store.passage_id(rows[1][1])],  # found already: nothing changes
+        [],  # no gold passage known
+        ["not-in-this-corpus"],  # unknown id: nothing changes
+    ]
+    got = retriever.with_gold(found, gold, q)
+    assert got.rows[0].tolist() == rows[0][:2] + [outside]
+    assert got.rows[1:].tolist() == rows[1:]
+    assert got.passage_ids[0][-1] == store.passage_id(outside)
+    np.testing.assert_array_equal(got.vectors.numpy(), index.vectors[got.rows.numpy()])
+    expected_scores = torch.einsum("bd,bkd->bk", q, got.vectors)
+    torch.testing.assert_close(got.scores, expected_scores)
+    assert retriever.with_gold(found, [[], [], [], []], q) is found

@@ -10,6 +10,18 @@ The pointer needs the source token ids at every decoding step, also when decoder
 encoder outputs.  The encoder therefore returns its hidden states with one extra channel that holds the
 token ids (float32, exact below 2**24); any expansion or reordering a decoder applies to encoder outputs
 carries the ids along.  The extra channel is stripped before the decoder sees the states.
+
+With ``config.copy_continuation`` the pointer also sees, at each step, which source positions follow an
+occurrence of the token just emitted (the decoder's input), weighted by a learned function of the decoder
+state.  A model trained from scratch otherwise has to learn from positions alone to step one token to the
+right after copying the first piece of a name, and tends to land one piece off ("Khartoum" -> "artoum").
+The feature needs only the current decoder input, so cached step-by-step decoding is unchanged.
+
+With ``config.question_match_separator`` (the token ids of the context separator ``" //"``) the encoder adds
+a learned embedding to every token that also occurs on the other side of the first separator: a passage
+word the question uses, a question word the passage uses.  This is DrQA's exact-match feature; it tells a
+model trained from scratch where in the passage the question's subject and relation are named, which it
+otherwise has to discover through attention alone.
 """
 
 from __future__ import annotations
@@ -20,6 +32,36 @@ import torch
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+
+def continuation_feature(source_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """(N, T, S) float: 1 where the source token before position i equals the decoder input at step t."""
+    previous = torch.full_like(source_ids, -1)
+    previous[:, 1:] = source_ids[:, :-1]
+    return (previous[:, None, :] == decoder_input_ids[:, :, None]).float()
+
+
+def question_match_feature(input_ids: torch.Tensor, separator: list[int], special_ids: list[int]) -> torch.Tensor:
+    """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
+
+    Rows without the separator get all zeros; special tokens and the separator itself never match."""
+    n, s = input_ids.shape
+    m = len(separator)
+    found = torch.ones(n, s - m + 1, dtype=torch.bool, device=input_ids.device)
+    for j, token in enumerate(separator):
+        found &= input_ids[:, j : s - m + 1 + j] == token
+    has = found.any(dim=1)
+    first = torch.where(has, found.float().argmax(dim=1), torch.full_like(has, s, dtype=torch.long))
+    positions = torch.arange(s, device=input_ids.device)[None, :]
+    before = positions < first[:, None]
+    after = (positions >= first[:, None] + m) & has[:, None]
+    ordinary = torch.ones_like(input_ids, dtype=torch.bool)
+    for token in special_ids:
+        ordinary &= input_ids != token
+    same = input_ids[:, :, None] == input_ids[:, None, :]
+    in_after = (same & (after & ordinary)[:, None, :]).any(dim=-1)
+    in_before = (same & (before & ordinary)[:, None, :]).any(dim=-1)
+    return ((before & in_after) | (after & in_before)).long() * ordinary.long()
 
 
 def copy_mixture_log_probs(
@@ -44,13 +86,21 @@ def copy_mixture_log_probs(
 class _EncoderWithIds(nn.Module):
     """The BART encoder, returning its states with the source token ids as one more channel."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, match_embedding: nn.Embedding | None, config: BartConfig) -> None:
         super().__init__()
         self.encoder = encoder
+        self.match_embedding = match_embedding
+        self.separator = list(getattr(config, "question_match_separator", None) or [])
+        self.special_ids = [i for i in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if i is not None]
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs) -> BaseModelOutput:
         kwargs.pop("return_dict", None)
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        if self.match_embedding is not None:
+            match = question_match_feature(input_ids, self.separator, self.special_ids)
+            embeds = self.encoder.embed_tokens(input_ids) + self.match_embedding(match)
+            out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True, **kwargs)
+        else:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         states = torch.cat([out.last_hidden_state.float(), input_ids[..., None].float()], dim=-1)
         return BaseModelOutput(last_hidden_state=states)
 
@@ -64,10 +114,13 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         self.copy_query = nn.Linear(d, d, bias=False)
         self.copy_key = nn.Linear(d, d, bias=False)
         self.copy_gate = nn.Linear(2 * d, 1)
+        self.copy_continue = nn.Linear(d, 1) if getattr(config, "copy_continuation", False) else None
+        separator = getattr(config, "question_match_separator", None)
+        self.match_embedding = nn.Embedding(2, d) if separator else None
         self.post_init()
 
     def get_encoder(self, *args, **kwargs) -> nn.Module:
-        return _EncoderWithIds(self.model.encoder)
+        return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config)
 
     def _split(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if states.shape[-1] != self.config.d_model + 1:
@@ -107,6 +160,11 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         dec = out.last_hidden_state
         vocab_logits = self.lm_head(dec) + self.final_logits_bias.to(dec.device)
         scores = self.copy_query(dec) @ self.copy_key(hidden).transpose(1, 2) / math.sqrt(dec.shape[-1])
+        if self.copy_continue is not None:
+            if decoder_input_ids is None:
+                raise ValueError("copy_continuation needs decoder_input_ids")
+            follows = continuation_feature(source_ids, decoder_input_ids)
+            scores = scores + self.copy_continue(dec) * follows.to(scores.dtype)
         scores = scores.float().masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
         attention = torch.softmax(scores, dim=-1)
         context = attention.to(hidden.dtype) @ hidden

@@ -6,7 +6,9 @@ from typing import Any
 
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, PreTrainedTokenizerBase
 
+from rag_lightning.config import ConfigError
 from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
+from rag_lightning.retrieval.store import piece_ids
 
 GENERATOR_KINDS = ("random", "pretrained")
 
@@ -25,11 +27,22 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
 
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
-    `copy: true` adds the pointer-generator copy head (models/copy_generator.py).
+    `copy: true` adds the pointer-generator copy head (models/copy_generator.py), and
+    `copy_continuation: true` its feature for stepping along a name being copied, and
+    `question_match: true` its encoder's exact-match feature between question and passage.
     """
-    model_class = CopyBartForConditionalGeneration if cfg.get("copy", False) else BartForConditionalGeneration
+    copy = bool(cfg.get("copy", False))
+    continuation = bool(cfg.get("copy_continuation", False))
+    match = bool(cfg.get("question_match", False))
+    for key, on in (("copy_continuation", continuation), ("question_match", match)):
+        if on and not copy:
+            raise ConfigError(f"model.generator.{key}=true needs model.generator.copy=true")
+    model_class = CopyBartForConditionalGeneration if copy else BartForConditionalGeneration
+    extra: dict[str, Any] = {"copy_continuation": True} if continuation else {}
+    if match:  # the retriever joins question and passage with " // " (retrieval/retriever.py)
+        extra["question_match_separator"] = piece_ids(tokenizer, "//")
     if cfg.kind == "pretrained":
-        model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+        model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
     elif cfg.kind == "random":
         arch = dict(cfg.config)
         config = BartConfig(
@@ -40,11 +53,12 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
             decoder_start_token_id=tokenizer.eos_token_id,
             forced_bos_token_id=None,
             forced_eos_token_id=tokenizer.eos_token_id,
+            **extra,
             **arch,
         )
         model = model_class(config)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"model.generator.kind={cfg.kind!r} is not one of {', '.join(GENERATOR_KINDS)}"
         )
     if model.config.vocab_size < len(tokenizer):

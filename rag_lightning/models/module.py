@@ -124,6 +124,8 @@ class RagModule(L.LightningModule):
             raise RuntimeError("RagModule has no retriever attached; build it with rag_lightning.factory")
         q = self.encode_questions(batch)
         found = self.retriever.retrieve(q.detach(), n_docs)
+        if self.training and self.global_step < self.cfg.gold_passage_steps:
+            found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
         doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
         lengths = batch["question_generator_mask"].sum(dim=1).tolist()
         question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]

@@ -98,6 +98,38 @@ class Retriever:
             passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows],
         )
 
+    def with_gold(
+        self, found: Retrieved, gold_passage_ids: Sequence[Sequence[str]], question_vectors: torch.Tensor
+    ) -> Retrieved:
+        """``found`` with each example's first gold passage in its last slot when the search missed it.
+
+        The training-time curriculum: every step then carries a passage that holds the answer, so the
+        generator learns to read before it has to cope with retrieval misses.  Examples without a gold id,
+        or with one outside this corpus, keep what the search found."""
+        rows = found.rows.clone()
+        for b, gold in enumerate(gold_passage_ids):
+            if not gold:
+                continue
+            try:
+                row = self.store.row_of(gold[0])
+            except KeyError:
+                continue
+            if row not in rows[b].tolist():
+                rows[b, -1] = row
+        if torch.equal(rows, found.rows):
+            return found
+        flat = rows.reshape(-1).numpy()
+        vectors = torch.from_numpy(
+            np.asarray(self.index.vectors[flat], dtype=np.float32).reshape(*rows.shape, -1)
+        )
+        q = question_vectors.detach().to("cpu", torch.float32)
+        return Retrieved(
+            rows=rows,
+            scores=torch.einsum("bd,bkd->bk", q, vectors),
+            vectors=vectors.to(found.vectors.device),
+            passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows.tolist()],
+        )
+
     def build_contexts(
         self,
         question_token_ids: Sequence[Sequence[int]],
