@@ -294,3 +294,20 @@ def test_rag_prepare_prints_counts_and_location(built: dict[str, Any]) -> None:
     counts = built["manifest"]["counts"]
     assert str(built["root"]) in text and "test_seen.jsonl" in text
     assert f"{counts['passages']:,}" in text and f"{counts['questions']['train']:,}" in text
+
+
+def test_train_phrasings_asks_each_train_fact_every_training_way(tmp_path: Path) -> None:
+    small = {**SMALL, "max_train_questions": "null", "train_phrasings": 2}
+    cfg = data_config(tmp_path, "world", *(f"data.world.{k}={v}" for k, v in small.items()))
+    root = Path(ensure_prepared(cfg)["dir"])
+    train = load_jsonl(root / "train.jsonl")
+    per_fact: dict[str, set[str]] = {}
+    for q in train:
+        fact, phrasing = q["id"].rsplit(".", 1)
+        per_fact.setdefault(fact, set()).add(phrasing)
+    assert per_fact and all(v == {"p0", "p1"} for v in per_fact.values())  # p2 is test_seen's
+    held = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
+    assert not [q for q in train if held[q["relation"]].match(q["question"])]
+    OmegaConf.update(cfg, "world.train_phrasings", 0)
+    with pytest.raises(PrepareError, match="train_phrasings=0 must be at least 1"):
+        ensure_prepared(cfg)

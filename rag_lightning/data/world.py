@@ -70,6 +70,8 @@ class WorldOptions:
     max_words: int = 100  # per passage text
     max_train_questions: int | None = 8000  # null keeps every train question
     max_eval_questions: int = 300  # per val, test and test_seen split
+    # train questions per fact: 1 picks one of the training phrasings, more ask the fact that many ways
+    train_phrasings: int = 1
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> WorldOptions:
@@ -78,6 +80,8 @@ class WorldOptions:
             raise ValueError(
                 f"unknown data.world option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
             )
+        if int(values.get("train_phrasings", 1)) < 1:
+            raise ValueError(f"data.world.train_phrasings={values['train_phrasings']} must be at least 1")
         return cls(**values)
 
 
@@ -227,8 +231,10 @@ def _candidates(
     located: dict[tuple[str, str], list[str]],
     texts: dict[str, str],
     seed: int,
+    train_phrasings: int = 1,
 ) -> dict[str, list[_Candidate]]:
-    """One question per fact: train uses a training phrasing, test_seen the held-out one, val/test any."""
+    """One question per fact (``train_phrasings`` for train): train uses training phrasings, test_seen the
+    held-out one, val/test any."""
     rng = random.Random(f"{seed}-phrasing")
     out: dict[str, list[_Candidate]] = defaultdict(list)
     for entity in entities:
@@ -240,7 +246,11 @@ def _candidates(
             phrasings = QUESTIONS[fact.relation]
             gold = _gold(fact, entity, located)
             if split == "train":
-                choices = [("train", rng.randrange(len(phrasings) - 1)), ("test_seen", len(phrasings) - 1)]
+                if train_phrasings == 1:
+                    ks = [rng.randrange(len(phrasings) - 1)]
+                else:
+                    ks = sorted(rng.sample(range(len(phrasings) - 1), min(train_phrasings, len(phrasings) - 1)))
+                choices = [("train", k) for k in ks] + [("test_seen", len(phrasings) - 1)]
             else:
                 choices = [(split, rng.randrange(len(phrasings)))]
             for target, k in choices:
@@ -316,7 +326,9 @@ def make_splits(
             located[(entity_id, key)].append(passage.id)
     texts = {p.id: p.text for p, _ in passages}
     split_of = _assign_splits(entities, options)
-    candidates, ambiguous = _drop_ambiguous(_candidates(entities, split_of, located, texts, options.seed))
+    candidates, ambiguous = _drop_ambiguous(
+        _candidates(entities, split_of, located, texts, options.seed, options.train_phrasings)
+    )
     rng = random.Random(f"{options.seed}-sample")
     chosen = {s: _stratified(candidates[s], options.max_eval_questions, rng) for s in ("val", "test")}
 
