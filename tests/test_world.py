@@ -311,3 +311,14 @@ def test_train_phrasings_asks_each_train_fact_every_training_way(tmp_path: Path)
     OmegaConf.update(cfg, "world.train_phrasings", 0)
     with pytest.raises(PrepareError, match="train_phrasings=0 must be at least 1"):
         ensure_prepared(cfg)
+
+
+def test_train_phrasings_leaves_val_and_test_unchanged(tmp_path: Path) -> None:
+    def build(where: str, phrasings: int) -> Path:
+        small = {**SMALL, "train_phrasings": phrasings}
+        cfg = data_config(tmp_path / where, "world", *(f"data.world.{k}={v}" for k, v in small.items()))
+        return Path(ensure_prepared(cfg)["dir"])
+
+    one, two = build("one", 1), build("two", 2)
+    for split in ("val", "test"):
+        assert (one / f"{split}.jsonl").read_bytes() == (two / f"{split}.jsonl").read_bytes()

@@ -67,11 +67,11 @@ class WorldOptions:
     min_city_population: int = 100_000
     val_fraction: float = 0.05  # of the entities of each kind
     test_fraction: float = 0.05
-    max_words: int = 100  # per passage text
-    max_train_questions: int | None = 8000  # null keeps every train question
+    max_words: int = 60  # per passage text
+    max_train_questions: int | None = 12000  # null keeps every train question
     max_eval_questions: int = 300  # per val, test and test_seen split
     # train questions per fact: 1 picks one of the training phrasings, more ask the fact that many ways
-    train_phrasings: int = 1
+    train_phrasings: int = 2
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> WorldOptions:
@@ -246,10 +246,10 @@ def _candidates(
             phrasings = QUESTIONS[fact.relation]
             gold = _gold(fact, entity, located)
             if split == "train":
-                if train_phrasings == 1:
-                    ks = [rng.randrange(len(phrasings) - 1)]
-                else:
-                    ks = sorted(rng.sample(range(len(phrasings) - 1), min(train_phrasings, len(phrasings) - 1)))
+                # one draw per fact whatever train_phrasings is, so val and test stay the same questions
+                first = rng.randrange(len(phrasings) - 1)
+                others = [k for k in range(len(phrasings) - 1) if k != first]
+                ks = sorted([first, *others[: train_phrasings - 1]])
                 choices = [("train", k) for k in ks] + [("test_seen", len(phrasings) - 1)]
             else:
                 choices = [(split, rng.randrange(len(phrasings)))]
