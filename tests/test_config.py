@@ -35,6 +35,7 @@ def test_valid_config_is_typed():
         ({"optim": {"scheduler": "exp"}}, "model.optim.scheduler"),
         ({"optim": {"lr": "fast"}}, "model.optim.lr"),
         ({"decoding": {"num_beams": 0}}, "model.decoding.num_beams"),
+        ({"gold_passage_steps": -1}, "model.gold_passage_steps"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -99,6 +99,20 @@ def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path):
     assert "test/em" in results
 
 
+def test_main_job_reading_features_train_and_reload(tmp_path):
+    """Copy continuation, question match and the gold curriculum run end to end; the export reloads."""
+    from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
+
+    cfg = tiny_train_config(
+        tmp_path, "trainer.max_epochs=1", "model.generator.copy=true", "model.generator.copy_continuation=true",
+        "model.generator.question_match=true", "model.gold_passage_steps=100",
+    )
+    results = train(cfg)
+    assert "test/em" in results
+    generator = CopyBartForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoints" / "hf" / "generator")
+    assert generator.copy_continue is not None and generator.match_embedding is not None
+
+
 def test_predict_answers_with_the_passages_used(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
