@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
 from rag_lightning.config import ConfigError
 from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
+from rag_lightning.retrieval.retriever import SEPARATOR
 from rag_lightning.retrieval.store import piece_ids
 
 GENERATOR_KINDS = ("random", "pretrained")
@@ -39,8 +40,8 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
             raise ConfigError(f"model.generator.{key}=true needs model.generator.copy=true")
     model_class = CopyBartForConditionalGeneration if copy else BartForConditionalGeneration
     extra: dict[str, Any] = {"copy_continuation": True} if continuation else {}
-    if match:  # the retriever joins question and passage with " // " (retrieval/retriever.py)
-        extra["question_match_separator"] = piece_ids(tokenizer, "//")
+    if match:  # the separator the retriever puts between question and passage
+        extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
     if cfg.kind == "pretrained":
         model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
     elif cfg.kind == "random":

@@ -26,6 +26,7 @@ from rag_lightning.retrieval.faiss_index import PassageIndex
 from rag_lightning.retrieval.store import CorpusStore
 
 LAYOUTS = ("question_first", "passage_first")
+SEPARATOR = " // "  # between question and passage in a generator context
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Retriever:
         *,
         max_context_length: int,
         layout: str = "question_first",
-        separator: str = " // ",
+        separator: str = SEPARATOR,
         title_separator: str = " / ",
         bos_id: int | None = None,
         eos_id: int | None = None,
