@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -257,10 +257,11 @@ def make_retriever(cfg: Any, index: Any, store: CorpusStore, gen_tokenizer: Any)
     )
 
 
-def open_retriever(cfg: Any) -> Retriever:
-    """The single-process Retriever: store and index ensured, then loaded."""
+def ensure_and_open(cfg: Any, open_index: Callable[..., Any]) -> Retriever:
+    """Store and index ensured (built when missing), the index opened with ``open_index``
+    (``PassageIndex.load`` or ``LazyPassageIndex.open``), wrapped in a Retriever."""
     store, index_dir, expect, gen_tokenizer = _ensure(cfg)
-    index = PassageIndex.load(
+    index = open_index(
         index_dir,
         expect=expect,
         cfg=cfg.index,
@@ -268,3 +269,8 @@ def open_retriever(cfg: Any) -> Retriever:
         verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
     )
     return make_retriever(cfg, index, store, gen_tokenizer)
+
+
+def open_retriever(cfg: Any) -> Retriever:
+    """The single-process Retriever: store and index ensured, then loaded."""
+    return ensure_and_open(cfg, PassageIndex.load)

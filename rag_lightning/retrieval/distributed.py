@@ -57,6 +57,7 @@ from rag_lightning.retrieval.faiss_index import (
     _get,
     _params,
     set_num_threads,
+    to_gpu,
 )
 from rag_lightning.retrieval.retriever import Retrieved, Retriever
 
@@ -234,20 +235,8 @@ def _to_rank_gpu(index: PassageIndex, cfg: Any) -> PassageIndex:
     """The index on this process's GPU when ``index.device=gpu`` (each DDP rank on its own device)."""
     if str(_get(cfg, "device", "cpu")) != "gpu":
         return index
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if not hasattr(faiss, "StandardGpuResources") or gpus == 0:
-        raise RuntimeError(
-            f"index.device=gpu needs faiss built with GPU support and a visible CUDA device; found faiss "
-            f"{faiss.__version__} with {gpus} GPU(s). Install it with: pip install -e '.[gpu]' && pip "
-            "uninstall -y faiss-cpu, or run with index.device=cpu"
-        )
-    if index.index_type == "hnsw":
-        raise RuntimeError("faiss runs HNSW on CPU only: use index=flat or index=ivfpq with index.device=gpu")
     device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-    resources = faiss.StandardGpuResources()
-    options = faiss.GpuClonerOptions()
-    options.useFloat16 = index.index_type == "ivfpq"
-    gpu_index = faiss.index_cpu_to_gpu(resources, device, index.index, options)
+    gpu_index, resources = to_gpu(index.index, index.index_type, device)
     return PassageIndex(
         gpu_index,
         index.vectors,
@@ -403,18 +392,9 @@ class DistributedRetriever:
 def open_distributed_retriever(cfg: Any) -> DistributedRetriever:
     """The retriever of a training / eval / predict run: store and index ensured (built when missing),
     the index opened lazily, searched as ``index.distributed`` says (default ``sharded``)."""
-    from rag_lightning.retrieval.build import _ensure, _opt, make_retriever, rebuild_command
+    from rag_lightning.retrieval.build import _opt, ensure_and_open
 
     mode = str(_opt(cfg.index, "distributed", "sharded"))
     if mode not in MODES:
         raise ValueError(f"index.distributed={mode!r} is not one of {', '.join(MODES)}; e.g. index.distributed=sharded")
-    store, index_dir, expect, gen_tokenizer = _ensure(cfg)
-    index = LazyPassageIndex.open(
-        index_dir,
-        expect=expect,
-        cfg=cfg.index,
-        rebuild_command=rebuild_command(cfg),
-        verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
-    )
-    retriever = make_retriever(cfg, index, store, gen_tokenizer)
-    return DistributedRetriever(retriever, mode, cfg.index)
+    return DistributedRetriever(ensure_and_open(cfg, LazyPassageIndex.open), mode, cfg.index)

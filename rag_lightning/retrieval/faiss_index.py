@@ -81,8 +81,9 @@ def set_num_threads(cfg: Any) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _to_gpu(index: Any, index_type: str) -> tuple[Any, Any]:
-    """The index cloned to GPU 0, and the GpuResources that must live as long as it (faiss segfaults else)."""
+def to_gpu(index: Any, index_type: str, device: int = 0) -> tuple[Any, Any]:
+    """The index cloned to GPU ``device``, and the GpuResources that must live as long as it (faiss
+    segfaults else)."""
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if not hasattr(faiss, "StandardGpuResources") or gpus == 0:
         raise RuntimeError(
@@ -95,7 +96,7 @@ def _to_gpu(index: Any, index_type: str) -> tuple[Any, Any]:
     resources = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
     options.useFloat16 = index_type == "ivfpq"  # float16 lookup tables: needed above 56 PQ bytes per vector
-    return faiss.index_cpu_to_gpu(resources, 0, index, options), resources
+    return faiss.index_cpu_to_gpu(resources, device, index, options), resources
 
 
 class PassageIndex:
@@ -144,7 +145,7 @@ class PassageIndex:
             index = _untrained_ivfpq(dim, n, params)
         gpu_resources = None
         if str(_get(cfg, "device", "cpu")) == "gpu":
-            index, gpu_resources = _to_gpu(index, index_type)
+            index, gpu_resources = to_gpu(index, index_type)
         if index_type == "ivfpq":
             index.train(_training_sample(vectors, params))
         for start in range(0, n, ADD_CHUNK):
@@ -272,7 +273,7 @@ class PassageIndex:
         set_num_threads(cfg)
         gpu_resources = None
         if str(_get(cfg, "device", "cpu")) == "gpu":
-            index, gpu_resources = _to_gpu(index, index_type)
+            index, gpu_resources = to_gpu(index, index_type)
         search = manifest["search_params"] if cfg is None else _params(cfg, index_type, SEARCH_DEFAULTS)
         return cls(
             index,
