@@ -308,9 +308,10 @@ def test_train_phrasings_asks_each_train_fact_every_training_way(tmp_path: Path)
     assert per_fact and all(v == {"p0", "p1"} for v in per_fact.values())  # p2 is test_seen's
     held = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
     assert not [q for q in train if held[q["relation"]].match(q["question"])]
-    OmegaConf.update(cfg, "world.train_phrasings", 0)
-    with pytest.raises(PrepareError, match="train_phrasings=0 must be at least 1"):
-        ensure_prepared(cfg)
+    for bad in (0, 3):
+        OmegaConf.update(cfg, "world.train_phrasings", bad)
+        with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 2"):
+            ensure_prepared(cfg)
 
 
 def test_train_phrasings_leaves_val_and_test_unchanged(tmp_path: Path) -> None:

@@ -80,8 +80,12 @@ class WorldOptions:
             raise ValueError(
                 f"unknown data.world option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
             )
-        if int(values.get("train_phrasings", 1)) < 1:
-            raise ValueError(f"data.world.train_phrasings={values['train_phrasings']} must be at least 1")
+        most = min(len(p) for p in QUESTIONS.values()) - 1  # the last phrasing is test_seen's
+        if not 1 <= int(values.get("train_phrasings", 1)) <= most:
+            raise ValueError(
+                f"data.world.train_phrasings={values['train_phrasings']} must be between 1 and {most} "
+                "(the training phrasings each relation has)"
+            )
         return cls(**values)
 
 
