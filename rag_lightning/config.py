@@ -70,6 +70,9 @@ class ModelConfig:
     freeze_question_encoder: bool = False
     # the question encoder stays frozen for this many optimizer steps while the generator learns to read
     question_encoder_warmup_steps: int = 0
+    # joint training updates only the top N layers of the question encoder (null: every layer and the
+    # embeddings); the frozen bottom's states are computed once per question
+    question_encoder_trainable_layers: int | None = None
     label_smoothing: float = 0.0
     exclude_bos_score: bool = False
     loss_reduction: str = "token_mean"
@@ -91,6 +94,8 @@ class ModelConfig:
             _positive(f"{prefix}.eval_n_docs", self.eval_n_docs)
         _at_least(f"{prefix}.question_encoder_warmup_steps", self.question_encoder_warmup_steps, 0)
         _at_least(f"{prefix}.gold_passage_steps", self.gold_passage_steps, 0)
+        if self.question_encoder_trainable_layers is not None:
+            _positive(f"{prefix}.question_encoder_trainable_layers", self.question_encoder_trainable_layers)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"{prefix}.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _one_of(f"{prefix}.loss_reduction", self.loss_reduction, ("token_mean", "mean", "sum"))

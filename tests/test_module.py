@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from rag_lightning.config import ModelConfig
+from rag_lightning.config import ConfigError, ModelConfig
 from rag_lightning.models.module import RagModule, _lr_lambda, contrastive_retrieval_loss, with_specials
 
 
@@ -138,3 +139,49 @@ def test_gold_curriculum_applies_only_in_training_before_its_step_limit():
     module.cfg.gold_passage_steps = 0
     module.retrieve(batch, 2)
     assert len(calls) == 1
+
+
+def _tiny_module(**cfg) -> RagModule:
+    from rag_lightning.models.encoders import build_question_encoder
+
+    encoder = build_question_encoder({"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 3, "heads": 2}})
+    tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return RagModule(encoder, torch.nn.Linear(2, 2), ModelConfig(**cfg), generator_tokenizer=tokenizer)
+
+
+def test_top_layer_training_caches_bottom_states_and_matches_the_encoder():
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+
+    tok = load_encoder_tokenizer({"kind": "tiny"})
+
+    def batch(questions):
+        enc = tok(questions, padding=True, return_tensors="pt")
+        return {"questions": questions, "question_input_ids": enc["input_ids"],
+                "question_attention_mask": enc["attention_mask"]}
+
+    module = _tiny_module(question_encoder_trainable_layers=1)
+    module.eval()  # no dropout, so vectors compare exactly with the plain encoder
+    long_q, short_q = "what is the capital city of the country of france?", "who wrote hamlet?"
+    module.encode_questions(batch([long_q, short_q]))
+    assert set(module._bottom_states) == {long_q, short_q}
+    cached = module._bottom_states[short_q]
+    alone = module.encode_questions(batch([short_q]))  # other padding than when it was cached
+    assert module._bottom_states[short_q] is cached
+    with torch.no_grad():
+        reference = module.question_encoder(**{k: v for k, v in tok([short_q], return_tensors="pt").items()
+                                               if k != "token_type_ids"}).pooler_output
+    assert torch.allclose(alone, reference, atol=1e-6)
+    assert alone.requires_grad  # the top layer trains
+    trainable = [n for n, p in module.question_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(".layer.2." in n for n in trainable)
+
+
+def test_top_layer_training_refuses_bad_depths_and_encoders():
+    with pytest.raises(ConfigError, match=r"question_encoder_trainable_layers=4 must be in \[1, 3\]"):
+        _tiny_module(question_encoder_trainable_layers=4)
+    with pytest.raises(ConfigError, match="question_encoder_trainable_layers=0 must be > 0"):
+        ModelConfig(question_encoder_trainable_layers=0).check()
+    tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    with pytest.raises(ConfigError, match="needs a DPR question encoder"):
+        RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), ModelConfig(question_encoder_trainable_layers=1),
+                  generator_tokenizer=tokenizer)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from rag_lightning import metrics
-from rag_lightning.config import Mode, ModelConfig
+from rag_lightning.config import ConfigError, Mode, ModelConfig
 from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
+from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom, n_layers
 from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
 
 
@@ -74,6 +75,10 @@ class RagModule(L.LightningModule):
         self.val_samples: list[dict] = []
         self._predictions: list[dict] = []
         self._frozen_vectors: dict[str, torch.Tensor] = {}
+        self._bottom_states: dict[str, torch.Tensor] = {}  # per question, when only top layers train
+        if config.question_encoder_trainable_layers is not None:
+            _check_trainable_layers(question_encoder, config.question_encoder_trainable_layers)
+            freeze_bottom(question_encoder, config.question_encoder_trainable_layers)
         self.pad_id = generator_tokenizer.pad_token_id
         self.bos_id = generator_tokenizer.bos_token_id
         self.eos_id = generator_tokenizer.eos_token_id
@@ -100,6 +105,8 @@ class RagModule(L.LightningModule):
         """
         if not self.question_encoder_frozen():
             self._frozen_vectors.clear()  # the encoder is training now: cached vectors are stale
+            if self.cfg.question_encoder_trainable_layers is not None:
+                return self._encode_top_layers(batch)
             out = self.question_encoder(
                 input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
             )
@@ -117,6 +124,21 @@ class RagModule(L.LightningModule):
             for i, v in zip(missing, vectors):
                 self._frozen_vectors[batch["questions"][i]] = v
         return torch.stack([self._frozen_vectors[q] for q in batch["questions"]])
+
+    def _encode_top_layers(self, batch: dict) -> torch.Tensor:
+        """Vectors through the trainable top layers, from bottom states cached per question text."""
+        n_top = self.cfg.question_encoder_trainable_layers
+        ids, mask = batch["question_input_ids"], batch["question_attention_mask"]
+        missing = [i for i, q in enumerate(batch["questions"]) if q not in self._bottom_states]
+        if missing:
+            states = encode_bottom(self.question_encoder, ids[missing], mask[missing], n_top)
+            for i, row in zip(missing, states):
+                self._bottom_states[batch["questions"][i]] = row[: int(mask[i].sum())].clone()
+        rows = [self._bottom_states[q] for q in batch["questions"]]
+        states = rows[0].new_zeros(len(rows), ids.shape[1], rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            states[i, : row.shape[0]] = row
+        return encode_top(self.question_encoder, states, mask, n_top)
 
     def retrieve(self, batch: dict, n_docs: int) -> dict:
         """Top-k passages, their scores (differentiable w.r.t. the question encoder) and the contexts."""
@@ -367,6 +389,18 @@ class RagModule(L.LightningModule):
         self.generator.save_pretrained(directory / "generator")
         self.tokenizer.save_pretrained(directory / "generator")
         return directory
+
+
+def _check_trainable_layers(encoder: nn.Module, n_top: int) -> None:
+    try:
+        depth = n_layers(encoder)
+    except TypeError as err:
+        raise ConfigError(f"model.question_encoder_trainable_layers needs a DPR question encoder: {err}") from None
+    if not 1 <= n_top <= depth:
+        raise ConfigError(
+            f"model.question_encoder_trainable_layers={n_top} must be in [1, {depth}] for this {depth}-layer "
+            "question encoder (null trains every layer and the embeddings)"
+        )
 
 
 def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
