@@ -12,10 +12,13 @@ from rag_lightning.models.copy_generator import (
 )
 
 
-def _model(seed: int = 0, continuation: bool = False, match: bool = False) -> CopyBartForConditionalGeneration:
+def _model(
+    seed: int = 0, continuation: bool = False, match: bool = False, unique: bool = False
+) -> CopyBartForConditionalGeneration:
     cfg = BartConfig(
         copy_continuation=continuation,
         question_match_separator=[7, 8] if match else None,
+        question_match_unique=unique,
         vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
@@ -105,9 +108,10 @@ def test_question_match_embedding_changes_only_matching_inputs():
     assert torch.equal(marked[..., -1], ids.float())  # the id channel is untouched
 
 
-@pytest.mark.parametrize(("continuation", "match"), [(False, False), (True, False), (True, True)])
-def test_incremental_decoding_with_cache_equals_full_forward(continuation, match):
-    model = _model(seed=3, continuation=continuation, match=match)
+@pytest.mark.parametrize(("continuation", "match", "unique"), [(False, False, False), (True, False, False),
+                                                             (True, True, False), (True, True, True)])
+def test_incremental_decoding_with_cache_equals_full_forward(continuation, match, unique):
+    model = _model(seed=3, continuation=continuation, match=match, unique=unique)
     dec = torch.tensor([[2, 5, 6, 7], [2, 9, 30, 11]])
     full = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
     enc = model.get_encoder()(input_ids=SOURCE, attention_mask=MASK)
@@ -131,11 +135,13 @@ def test_generate_with_and_without_cache_agree(continuation):
         assert torch.equal(with_cache, without)
 
 
-@pytest.mark.parametrize(("continuation", "match"), [(False, False), (True, True)])
-def test_save_and_load_round_trip(tmp_path, continuation, match):
-    model = _model(continuation=continuation, match=match)
+@pytest.mark.parametrize(("continuation", "match", "unique"), [(False, False, False), (True, True, False),
+                                                             (True, True, True)])
+def test_save_and_load_round_trip(tmp_path, continuation, match, unique):
+    model = _model(continuation=continuation, match=match, unique=unique)
     model.save_pretrained(tmp_path)
     again = CopyBartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert getattr(again.config, "question_match_unique", False) == unique
     dec = torch.tensor([[2, 5], [2, 9]])
     a = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
     b = again(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
@@ -172,7 +178,8 @@ def test_build_generator_wires_continuation_and_refuses_it_without_copy():
         build_generator(cfg, _Tok())
 
 
-def test_build_generator_gives_question_match_the_context_separator(tmp_path):
+@pytest.mark.parametrize("unique", [False, True])
+def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique):
     from omegaconf import OmegaConf
     from test_store import make_gen_tokenizer
 
@@ -182,7 +189,29 @@ def test_build_generator_gives_question_match_the_context_separator(tmp_path):
     tok = make_gen_tokenizer(tmp_path / "tok")
     arch = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
             "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
-    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": True, "config": arch})
+    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": True,
+                            "question_match_unique": unique, "config": arch})
     model = build_generator(cfg, tok)
     assert model.config.question_match_separator == piece_ids(tok, "//")
-    assert model.match_embedding is not None
+    assert model.match_embedding.num_embeddings == (3 if unique else 2)
+
+
+def test_question_match_unique_marks_matches_that_occur_once_on_their_side():
+    # <s> q: 10 11 12 // passage: 10 11 10 14 </s>: 10 repeats in the passage, 11 does not
+    ids = torch.tensor([[0, 10, 11, 12, 7, 8, 10, 11, 10, 14, 2, 1]])
+    got = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2], mark_unique=True)
+    assert got[0].tolist() == [0, 2, 2, 0, 0, 0, 1, 2, 1, 0, 0, 0]
+    plain = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2])
+    assert torch.equal(got > 0, plain.bool())  # the same tokens match; only the level differs
+
+
+def test_question_match_unique_needs_question_match(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rag_lightning.config import ConfigError
+    from rag_lightning.models.generator import build_generator
+
+    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": False,
+                            "question_match_unique": True, "config": {}})
+    with pytest.raises(ConfigError, match="question_match_unique=true needs model.generator.question_match=true"):
+        build_generator(cfg, None)

@@ -21,7 +21,8 @@ With ``config.question_match_separator`` (the token ids of the context separator
 a learned embedding to every token that also occurs on the other side of the first separator: a passage
 word the question uses, a question word the passage uses.  This is DrQA's exact-match feature; it tells a
 model trained from scratch where in the passage the question's subject and relation are named, which it
-otherwise has to discover through attention alone.
+otherwise has to discover through attention alone. ``config.question_match_unique`` also tells apart a
+matching token that occurs once on its side from one that repeats (see ``question_match_feature``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ def continuation_feature(source_ids: torch.Tensor, decoder_input_ids: torch.Tens
     return (previous[:, None, :] == decoder_input_ids[:, :, None]).float()
 
 
-def question_match_feature(input_ids: torch.Tensor, separator: list[int], special_ids: list[int]) -> torch.Tensor:
+def question_match_feature(
+    input_ids: torch.Tensor, separator: list[int], special_ids: list[int], *, mark_unique: bool = False
+) -> torch.Tensor:
     """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
 
+    With ``mark_unique`` a matching token that occurs only once on its own side gets 2 instead (DrQA's
+    term-frequency feature, reduced to what matters here): in a passage that names its subject eight
+    times, the one matching word that occurs once is the relation the question asks about.
     Rows without the separator get all zeros; special tokens and the separator itself never match."""
     n, s = input_ids.shape
     m = len(separator)
@@ -61,7 +67,13 @@ def question_match_feature(input_ids: torch.Tensor, separator: list[int], specia
     same = input_ids[:, :, None] == input_ids[:, None, :]
     in_after = (same & (after & ordinary)[:, None, :]).any(dim=-1)
     in_before = (same & (before & ordinary)[:, None, :]).any(dim=-1)
-    return ((before & in_after) | (after & in_before)).long() * ordinary.long()
+    match = ((before & in_after) | (after & in_before)) & ordinary
+    if not mark_unique:
+        return match.long()
+    count_before = (same & before[:, None, :]).sum(dim=-1)
+    count_after = (same & after[:, None, :]).sum(dim=-1)
+    count = torch.where(before, count_before, count_after)  # occurrences on the token's own side
+    return match.long() * (1 + (count == 1).long())
 
 
 def copy_mixture_log_probs(
@@ -91,12 +103,13 @@ class _EncoderWithIds(nn.Module):
         self.encoder = encoder
         self.match_embedding = match_embedding
         self.separator = list(getattr(config, "question_match_separator", None) or [])
+        self.mark_unique = bool(getattr(config, "question_match_unique", False))
         self.special_ids = [i for i in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if i is not None]
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs) -> BaseModelOutput:
         kwargs.pop("return_dict", None)
         if self.match_embedding is not None:
-            match = question_match_feature(input_ids, self.separator, self.special_ids)
+            match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
             embeds = self.encoder.embed_tokens(input_ids) + self.match_embedding(match)
             out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True, **kwargs)
         else:
@@ -116,7 +129,8 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         self.copy_gate = nn.Linear(2 * d, 1)
         self.copy_continue = nn.Linear(d, 1) if getattr(config, "copy_continuation", False) else None
         separator = getattr(config, "question_match_separator", None)
-        self.match_embedding = nn.Embedding(2, d) if separator else None
+        levels = 3 if getattr(config, "question_match_unique", False) else 2
+        self.match_embedding = nn.Embedding(levels, d) if separator else None
         self.post_init()
 
     def get_encoder(self, *args, **kwargs) -> nn.Module:

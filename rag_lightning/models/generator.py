@@ -30,18 +30,24 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
     `copy: true` adds the pointer-generator copy head (models/copy_generator.py), and
     `copy_continuation: true` its feature for stepping along a name being copied, and
-    `question_match: true` its encoder's exact-match feature between question and passage.
+    `question_match: true` its encoder's exact-match feature between question and passage, and
+    `question_match_unique: true` that feature's mark for a matching token that occurs once on its side.
     """
     copy = bool(cfg.get("copy", False))
     continuation = bool(cfg.get("copy_continuation", False))
     match = bool(cfg.get("question_match", False))
+    unique = bool(cfg.get("question_match_unique", False))
     for key, on in (("copy_continuation", continuation), ("question_match", match)):
         if on and not copy:
             raise ConfigError(f"model.generator.{key}=true needs model.generator.copy=true")
+    if unique and not match:
+        raise ConfigError("model.generator.question_match_unique=true needs model.generator.question_match=true")
     model_class = CopyBartForConditionalGeneration if copy else BartForConditionalGeneration
     extra: dict[str, Any] = {"copy_continuation": True} if continuation else {}
     if match:  # the separator the retriever puts between question and passage
         extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
+        if unique:
+            extra["question_match_unique"] = True
     if cfg.kind == "pretrained":
         model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
     elif cfg.kind == "random":
