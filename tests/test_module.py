@@ -185,3 +185,30 @@ def test_top_layer_training_refuses_bad_depths_and_encoders():
     with pytest.raises(ConfigError, match="needs a DPR question encoder"):
         RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), ModelConfig(question_encoder_trainable_layers=1),
                   generator_tokenizer=tokenizer)
+
+
+def test_retrieval_stays_float32_under_mixed_precision():
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+
+    vectors = torch.randn(1, 2, 32)
+
+    class FakeRetriever:
+        def retrieve(self, q, k):
+            assert q.dtype == torch.float32
+            return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long), vectors=vectors,
+                                   passage_ids=[["x"] * k])
+
+        def build_contexts(self, question_ids, rows):
+            return torch.zeros(rows.numel(), 3, dtype=torch.long), torch.ones(rows.numel(), 3, dtype=torch.long)
+
+    module = _tiny_module()
+    module.retriever = FakeRetriever()
+    module.eval()
+    enc = load_encoder_tokenizer({"kind": "tiny"})(["who wrote hamlet?"], return_tensors="pt")
+    batch = {"questions": ["who wrote hamlet?"], "question_input_ids": enc["input_ids"],
+             "question_attention_mask": enc["attention_mask"], "question_generator_ids": torch.tensor([[7]]),
+             "question_generator_mask": torch.tensor([[1]])}
+    plain = module.retrieve(batch, 2)["doc_scores"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module.retrieve(batch, 2)["doc_scores"]
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)

@@ -144,11 +144,13 @@ class RagModule(L.LightningModule):
         """Top-k passages, their scores (differentiable w.r.t. the question encoder) and the contexts."""
         if self.retriever is None:
             raise RuntimeError("RagModule has no retriever attached; build it with rag_lightning.factory")
-        q = self.encode_questions(batch)
-        found = self.retriever.retrieve(q.detach(), n_docs)
-        if self.training and self.global_step < self.cfg.gold_passage_steps:
-            found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
-        doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
+        # retrieval stays float32 under mixed precision: the index was built from float32 vectors
+        with torch.autocast(batch["question_input_ids"].device.type, enabled=False):
+            q = self.encode_questions(batch)
+            found = self.retriever.retrieve(q.detach(), n_docs)
+            if self.training and self.global_step < self.cfg.gold_passage_steps:
+                found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
+            doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
         lengths = batch["question_generator_mask"].sum(dim=1).tolist()
         question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]
         ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
