@@ -6,6 +6,7 @@ from transformers import BartConfig
 
 from rag_lightning.models.copy_generator import (
     CopyBartForConditionalGeneration,
+    bigram_continuation_feature,
     continuation_feature,
     copy_mixture_log_probs,
     question_match_feature,
@@ -13,10 +14,11 @@ from rag_lightning.models.copy_generator import (
 
 
 def _model(
-    seed: int = 0, continuation: bool = False, match: bool = False, unique: bool = False
+    seed: int = 0, continuation: bool = False, match: bool = False, unique: bool = False, bigram: bool = False
 ) -> CopyBartForConditionalGeneration:
     cfg = BartConfig(
         copy_continuation=continuation,
+        copy_continuation_bigram=bigram,
         question_match_separator=[7, 8] if match else None,
         question_match_unique=unique,
         vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
@@ -215,3 +217,66 @@ def test_question_match_unique_needs_question_match(tmp_path):
                             "question_match_unique": True, "config": {}})
     with pytest.raises(ConfigError, match="question_match_unique=true needs model.generator.question_match=true"):
         build_generator(cfg, None)
+
+
+def test_bigram_continuation_fires_only_after_the_last_two_tokens():
+    # source: 5 , 7 , 9 (",": 6); emitted so far: 5 , -> only 7 continues "5 ," (not 9, which follows "7 ,")
+    source = torch.tensor([[5, 6, 7, 6, 9]])
+    dec = torch.tensor([[2, 5, 6]])  # decoder inputs: start, 5, ","
+    got = bigram_continuation_feature(source, dec)
+    assert got[0, 2].tolist() == [0, 0, 1, 0, 0]
+    assert got[0, 1].tolist() == [0, 0, 0, 0, 0]  # "start 5" never occurs in the source
+    # one step at a time: the token before comes as history
+    step = bigram_continuation_feature(source, dec[:, 2:], history=dec[:, 1:2])
+    assert torch.equal(step[0, 0], got[0, 2])
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_bigram_generate_with_and_without_cache_agree(beams):
+    model = _model(seed=5, continuation=True, bigram=True)
+    with torch.no_grad():
+        model.copy_continue_bigram.bias.fill_(5.0)  # make the feature matter
+    kwargs = {"input_ids": SOURCE, "attention_mask": MASK, "max_new_tokens": 6, "do_sample": False}
+    assert torch.equal(model.generate(num_beams=beams, **kwargs), model.generate(num_beams=beams, use_cache=False, **kwargs))
+
+
+def test_bigram_cached_steps_equal_full_forward_and_need_history():
+    model = _model(seed=3, continuation=True, bigram=True)
+    with torch.no_grad():
+        model.copy_continue_bigram.bias.fill_(5.0)
+    dec = torch.tensor([[2, 5, 6, 7], [2, 9, 30, 11]])
+    full = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
+    enc = model.get_encoder()(input_ids=SOURCE, attention_mask=MASK)
+    cache, steps = None, []
+    for t in range(dec.shape[1]):
+        history = dec[:, t - 1 : t] if t else None
+        out = model(encoder_outputs=enc, attention_mask=MASK, decoder_input_ids=dec[:, t : t + 1], cache=cache,
+                    use_cache=True, copy_history=history)
+        cache = out.cache
+        steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="needs copy_history"):
+        model(encoder_outputs=enc, attention_mask=MASK, decoder_input_ids=dec[:, :1], cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_rag_token_decoder_gives_the_bigram_feature_its_history(beams):
+    from rag_lightning.models.decoding import rag_token_generate
+
+    model = _model(seed=7, continuation=True, bigram=True)
+    with torch.no_grad():
+        model.copy_continue_bigram.bias.fill_(5.0)
+    doc_scores = torch.tensor([[0.3, -0.2]])
+    got = rag_token_generate(model, SOURCE, MASK, doc_scores, n_docs=2, num_beams=beams, max_new_tokens=5)
+    # reference for greedy: the marginal of full (uncached) forwards, one token at a time
+    if beams == 1:
+        prefix = torch.tensor([[model.config.decoder_start_token_id]])
+        for _ in range(5):
+            logits = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=prefix.repeat(2, 1)).logits
+            mix = (logits[:, -1].log_softmax(-1) + doc_scores.log_softmax(-1).T).logsumexp(0)
+            prefix = torch.cat([prefix, mix.argmax().view(1, 1)], dim=1)
+            if prefix[0, -1] == model.config.eos_token_id:
+                break
+        assert got[0, : prefix.shape[1]].tolist() == prefix[0].tolist()
+    else:  # the model refuses a later cached step without history, so beam search got it on every step
+        assert got.shape[0] == 1 and got.shape[1] > 1

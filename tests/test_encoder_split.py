@@ -59,3 +59,20 @@ def test_depth_and_range() -> None:
         freeze_bottom(encoder, 4)
     with pytest.raises(TypeError, match="not a DPR encoder"):
         n_layers(torch.nn.Linear(2, 2))
+
+
+def test_question_encoder_benchmark_runs_and_saves(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_question_encoder.py"
+    out = tmp_path / "qe.json"
+    subprocess.run([sys.executable, str(script), "--batch", "2", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                   check=True, capture_output=True)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in rows][:2] == ["forward only (no grad)", "all weights"]
+    assert all(r["ms"] > 0 for r in rows)
+    trainable = {r["case"]: r["trainable_params"] for r in rows}
+    assert trainable["all weights"] > trainable["embeddings frozen"] > trainable["top 2 layers (bottom cached)"]

@@ -35,11 +35,25 @@ from transformers import BartConfig, BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 
-def continuation_feature(source_ids: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-    """(N, T, S) float: 1 where the source token before position i equals the decoder input at step t."""
+def continuation_feature(source_ids: torch.Tensor, decoder_input_ids: torch.Tensor, lag: int = 1) -> torch.Tensor:
+    """(N, T, S) float: 1 where the source token ``lag`` positions before i equals the decoder input at step t."""
     previous = torch.full_like(source_ids, -1)
-    previous[:, 1:] = source_ids[:, :-1]
+    previous[:, lag:] = source_ids[:, :-lag]
     return (previous[:, None, :] == decoder_input_ids[:, :, None]).float()
+
+
+def bigram_continuation_feature(
+    source_ids: torch.Tensor, decoder_input_ids: torch.Tensor, history: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, T, S) float: 1 where the two source tokens before position i equal the last two tokens emitted.
+
+    ``history`` (N, 1) is the token emitted before ``decoder_input_ids[:, 0]`` (cached decoding feeds one
+    token at a time); without it the first step has no predecessor and its feature is 0.  Where the unigram
+    feature fires after every comma of every number, this one fires only after the comma that follows the
+    piece just copied ("2,724,900": after "724 ," only "900" continues)."""
+    before = torch.full_like(decoder_input_ids[:, :1], -2) if history is None else history.to(decoder_input_ids)
+    previous = torch.cat([before, decoder_input_ids[:, :-1]], dim=1)
+    return continuation_feature(source_ids, decoder_input_ids) * continuation_feature(source_ids, previous, lag=2)
 
 
 def question_match_feature(
@@ -128,10 +142,20 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         self.copy_key = nn.Linear(d, d, bias=False)
         self.copy_gate = nn.Linear(2 * d, 1)
         self.copy_continue = nn.Linear(d, 1) if getattr(config, "copy_continuation", False) else None
+        bigram = getattr(config, "copy_continuation_bigram", False)
+        self.copy_continue_bigram = nn.Linear(d, 1) if bigram else None
         separator = getattr(config, "question_match_separator", None)
         levels = 3 if getattr(config, "question_match_unique", False) else 2
         self.match_embedding = nn.Embedding(levels, d) if separator else None
         self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' generate feeds one new token per step; the bigram feature also needs the one before."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        given = inputs["decoder_input_ids"].shape[1]
+        if self.copy_continue_bigram is not None and given < input_ids.shape[1]:
+            inputs["copy_history"] = input_ids[:, -given - 1 : -given]
+        return inputs
 
     def get_encoder(self, *args, **kwargs) -> nn.Module:
         return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config)
@@ -154,6 +178,7 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         cache=None,
         use_cache=None,
         labels=None,
+        copy_history=None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         if encoder_outputs is None:
@@ -162,12 +187,19 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         hidden, source_ids = self._split(states)
         if attention_mask is None:
             attention_mask = (source_ids != self.config.pad_token_id).long()
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        later_cached_step = cache is not None and cache.get_seq_length() > 0
+        if self.copy_continue_bigram is not None and copy_history is None and later_cached_step:
+            raise ValueError(
+                "copy_continuation_bigram needs copy_history (the token before decoder_input_ids) when "
+                "decoding with a cache"
+            )
         out = self.model(
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             encoder_outputs=(hidden,),
-            cache=cache if cache is not None else kwargs.get("past_key_values"),
+            cache=cache,
             use_cache=use_cache,
             return_dict=True,
         )
@@ -179,6 +211,9 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
                 raise ValueError("copy_continuation needs decoder_input_ids")
             follows = continuation_feature(source_ids, decoder_input_ids)
             scores = scores + self.copy_continue(dec) * follows.to(scores.dtype)
+        if self.copy_continue_bigram is not None:
+            follows2 = bigram_continuation_feature(source_ids, decoder_input_ids, copy_history)
+            scores = scores + self.copy_continue_bigram(dec) * follows2.to(scores.dtype)
         scores = scores.float().masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
         attention = torch.softmax(scores, dim=-1)
         context = attention.to(hidden.dtype) @ hidden

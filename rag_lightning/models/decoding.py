@@ -124,7 +124,8 @@ def _mixture_step(
 ) -> Step:
     """Incremental decoder for N search rows, each a mixture of M contexts with weights ``doc_logprobs`` (N, M).
 
-    The returned ``step(tokens, reorder)`` feeds the last token of each of the N*num_beams hypotheses,
+    The returned ``step(prefixes, reorder)`` feeds the last token of each of the N*num_beams hypotheses
+    (``prefixes`` (N*num_beams, t), the tokens so far; a copy head's bigram feature also gets the one before),
     first moving the KV cache rows to the hypotheses' parents (``reorder``, flat indices, or None), and
     returns ``log sum_m p(m) p(. | context m, prefix)`` as (N*num_beams, V) float32.
     """
@@ -136,8 +137,13 @@ def _mixture_step(
     cache_name = _cache_kwarg(generator)
     mix_offsets = torch.arange(n_mix, device=hidden.device)
     state: dict[str, object] = {"cache": None}
+    takes_history = "copy_history" in inspect.signature(type(generator).forward).parameters
 
-    def step(tokens: Tensor, reorder: Tensor | None) -> Tensor:
+    def step(prefixes: Tensor, reorder: Tensor | None) -> Tensor:
+        tokens = prefixes[:, -1]
+        extra = {}
+        if takes_history and prefixes.shape[1] > 1:
+            extra["copy_history"] = prefixes[:, -2].repeat_interleave(n_mix).unsqueeze(1)
         cache = state["cache"]
         if reorder is not None and cache is not None:
             rows = (reorder.unsqueeze(1) * n_mix + mix_offsets).reshape(-1)
@@ -151,6 +157,7 @@ def _mixture_step(
             use_cache=True,
             return_dict=True,
             **{cache_name: cache},
+            **extra,
         )
         state["cache"] = getattr(out, cache_name, None)
         logprobs = out.logits[:, -1].float().log_softmax(dim=-1)
@@ -177,7 +184,7 @@ def _greedy(
     token_logprobs = torch.zeros(n_rows, 1, device=device)
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     for cur in range(max_new_tokens):
-        raw = step(sequences[:, -1], None)
+        raw = step(sequences, None)
         tokens = processors(raw, cur).argmax(dim=-1)
         tokens = torch.where(unfinished, tokens, pad)
         chosen = torch.where(unfinished, raw.gather(1, tokens[:, None]).squeeze(1), 0.0)
@@ -234,7 +241,7 @@ def _beam_search(
     reorder = None
 
     for cur in range(1, total):
-        raw = step(seqs[:, :, cur - 1].reshape(-1), reorder)  # (N*nb, V)
+        raw = step(seqs[:, :, :cur].reshape(n_rows * num_beams, cur), reorder)  # (N*nb, V)
         vocab = raw.shape[-1]
         processed = processors(raw, cur - 1).view(n_rows, num_beams, vocab) + run_scores.unsqueeze(-1)
         top_scores, top_index = processed.view(n_rows, -1).topk(keep, dim=1)

@@ -29,21 +29,25 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
     `copy: true` adds the pointer-generator copy head (models/copy_generator.py), and
-    `copy_continuation: true` its feature for stepping along a name being copied, and
+    `copy_continuation: true` its feature for stepping along a name being copied (and
+    `copy_continuation_bigram: true` the same on the last two tokens emitted), and
     `question_match: true` its encoder's exact-match feature between question and passage, and
     `question_match_unique: true` that feature's mark for a matching token that occurs once on its side.
     """
     copy = bool(cfg.get("copy", False))
     continuation = bool(cfg.get("copy_continuation", False))
+    bigram = bool(cfg.get("copy_continuation_bigram", False))
     match = bool(cfg.get("question_match", False))
     unique = bool(cfg.get("question_match_unique", False))
-    for key, on in (("copy_continuation", continuation), ("question_match", match)):
+    for key, on in (("copy_continuation", continuation), ("copy_continuation_bigram", bigram), ("question_match", match)):
         if on and not copy:
             raise ConfigError(f"model.generator.{key}=true needs model.generator.copy=true")
     if unique and not match:
         raise ConfigError("model.generator.question_match_unique=true needs model.generator.question_match=true")
     model_class = CopyBartForConditionalGeneration if copy else BartForConditionalGeneration
     extra: dict[str, Any] = {"copy_continuation": True} if continuation else {}
+    if bigram:
+        extra["copy_continuation_bigram"] = True
     if match:  # the separator the retriever puts between question and passage
         extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
         if unique:
