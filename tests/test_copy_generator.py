@@ -140,10 +140,11 @@ def test_generate_with_and_without_cache_agree(continuation):
 @pytest.mark.parametrize(("continuation", "match", "unique"), [(False, False, False), (True, True, False),
                                                              (True, True, True)])
 def test_save_and_load_round_trip(tmp_path, continuation, match, unique):
-    model = _model(continuation=continuation, match=match, unique=unique)
+    model = _model(continuation=continuation, match=match, unique=unique, bigram=unique)
     model.save_pretrained(tmp_path)
     again = CopyBartForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert getattr(again.config, "question_match_unique", False) == unique
+    assert (again.copy_continue_bigram is not None) == unique
     dec = torch.tensor([[2, 5], [2, 9]])
     a = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
     b = again(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits

@@ -100,17 +100,21 @@ def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path):
 
 
 def test_main_job_reading_features_train_and_reload(tmp_path):
-    """Copy continuation, question match and the gold curriculum run end to end; the export reloads."""
+    """The main job's reading features, gold curriculum and top-layer joint training run end to end; the
+    export reloads with every head."""
     from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
 
     cfg = tiny_train_config(
         tmp_path, "trainer.max_epochs=1", "model.generator.copy=true", "model.generator.copy_continuation=true",
-        "model.generator.question_match=true", "model.gold_passage_steps=100",
+        "model.generator.copy_continuation_bigram=true", "model.generator.question_match=true",
+        "model.generator.question_match_unique=true", "model.gold_passage_steps=100",
+        "model.question_encoder_warmup_steps=0", "model.question_encoder_trainable_layers=1",
     )
     results = train(cfg)
     assert "test/em" in results
     generator = CopyBartForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoints" / "hf" / "generator")
-    assert generator.copy_continue is not None and generator.match_embedding is not None
+    assert generator.copy_continue is not None and generator.copy_continue_bigram is not None
+    assert generator.match_embedding.num_embeddings == 3
 
 
 def test_predict_answers_with_the_passages_used(tmp_path, capsys):
