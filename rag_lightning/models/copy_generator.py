@@ -51,9 +51,14 @@ def bigram_continuation_feature(
     token at a time); without it the first step has no predecessor and its feature is 0.  Where the unigram
     feature fires after every comma of every number, this one fires only after the comma that follows the
     piece just copied ("2,724,900": after "724 ," only "900" continues)."""
-    before = torch.full_like(decoder_input_ids[:, :1], -2) if history is None else history.to(decoder_input_ids)
-    previous = torch.cat([before, decoder_input_ids[:, :-1]], dim=1)
+    previous = previous_tokens(decoder_input_ids, history)
     return continuation_feature(source_ids, decoder_input_ids) * continuation_feature(source_ids, previous, lag=2)
+
+
+def previous_tokens(decoder_input_ids: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """(N, T): the token emitted before each decoder input; -2 (no token) before the first without history."""
+    before = torch.full_like(decoder_input_ids[:, :1], -2) if history is None else history.to(decoder_input_ids)
+    return torch.cat([before, decoder_input_ids[:, :-1]], dim=1)
 
 
 def question_match_feature(
@@ -206,14 +211,16 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         dec = out.last_hidden_state
         vocab_logits = self.lm_head(dec) + self.final_logits_bias.to(dec.device)
         scores = self.copy_query(dec) @ self.copy_key(hidden).transpose(1, 2) / math.sqrt(dec.shape[-1])
-        if self.copy_continue is not None:
+        if self.copy_continue is not None or self.copy_continue_bigram is not None:
             if decoder_input_ids is None:
                 raise ValueError("copy_continuation needs decoder_input_ids")
             follows = continuation_feature(source_ids, decoder_input_ids)
-            scores = scores + self.copy_continue(dec) * follows.to(scores.dtype)
-        if self.copy_continue_bigram is not None:
-            follows2 = bigram_continuation_feature(source_ids, decoder_input_ids, copy_history)
-            scores = scores + self.copy_continue_bigram(dec) * follows2.to(scores.dtype)
+            if self.copy_continue is not None:
+                scores = scores + self.copy_continue(dec) * follows.to(scores.dtype)
+            if self.copy_continue_bigram is not None:
+                previous = previous_tokens(decoder_input_ids, copy_history)
+                follows2 = follows * continuation_feature(source_ids, previous, lag=2)
+                scores = scores + self.copy_continue_bigram(dec) * follows2.to(scores.dtype)
         scores = scores.float().masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
         attention = torch.softmax(scores, dim=-1)
         context = attention.to(hidden.dtype) @ hidden

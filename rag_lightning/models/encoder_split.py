@@ -32,14 +32,21 @@ def n_layers(encoder: nn.Module) -> int:
     return len(inner_bert(encoder).encoder.layer)
 
 
+def _split(encoder: nn.Module, trainable_layers: int) -> tuple[nn.Module, nn.ModuleList, nn.ModuleList]:
+    """The BERT inside ``encoder``, its frozen bottom layers and its ``trainable_layers`` top layers."""
+    bert = inner_bert(encoder)
+    depth = len(bert.encoder.layer)
+    if not 1 <= trainable_layers <= depth:
+        raise ValueError(f"trainable_layers={trainable_layers} must be in [1, {depth}]")
+    cut = depth - trainable_layers
+    return bert, bert.encoder.layer[:cut], bert.encoder.layer[cut:]
+
+
 def freeze_bottom(encoder: nn.Module, trainable_layers: int) -> None:
     """Stop gradients to the embeddings and to all but the top ``trainable_layers`` transformer layers."""
-    bert = inner_bert(encoder)
-    if not 1 <= trainable_layers <= len(bert.encoder.layer):
-        raise ValueError(f"trainable_layers={trainable_layers} must be in [1, {len(bert.encoder.layer)}]")
+    bert, bottom, _ = _split(encoder, trainable_layers)
     bert.embeddings.requires_grad_(False)
-    for layer in bert.encoder.layer[: len(bert.encoder.layer) - trainable_layers]:
-        layer.requires_grad_(False)
+    bottom.requires_grad_(False)
 
 
 def _mask(bert: nn.Module, states: torch.Tensor, attention_mask: torch.Tensor):
@@ -51,13 +58,13 @@ def encode_bottom(
     encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, trainable_layers: int
 ) -> torch.Tensor:
     """Hidden states (B, L, d) after the embeddings and the frozen layers, computed without dropout."""
-    bert = inner_bert(encoder)
+    bert, bottom, _ = _split(encoder, trainable_layers)
     was_training = bert.training
     bert.eval()
     try:
         states = bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
         mask = _mask(bert, states, attention_mask)
-        for layer in bert.encoder.layer[: len(bert.encoder.layer) - trainable_layers]:
+        for layer in bottom:
             states = layer(states, mask)
     finally:
         bert.train(was_training)
@@ -68,9 +75,9 @@ def encode_top(
     encoder: nn.Module, states: torch.Tensor, attention_mask: torch.Tensor, trainable_layers: int
 ) -> torch.Tensor:
     """Vectors (B, d) from bottom states: the top layers (in the encoder's mode), then [CLS] as DPR pools."""
-    bert = inner_bert(encoder)
+    bert, _, top = _split(encoder, trainable_layers)
     mask = _mask(bert, states, attention_mask)
-    for layer in bert.encoder.layer[len(bert.encoder.layer) - trainable_layers :]:
+    for layer in top:
         states = layer(states, mask)
     pooled = states[:, 0, :]
     projection = _projection(encoder)

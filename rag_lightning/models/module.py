@@ -22,7 +22,7 @@ from rag_lightning import metrics
 from rag_lightning.config import ConfigError, Mode, ModelConfig
 from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
-from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom, n_layers
+from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
 from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
 
 
@@ -77,8 +77,7 @@ class RagModule(L.LightningModule):
         self._frozen_vectors: dict[str, torch.Tensor] = {}
         self._bottom_states: dict[str, torch.Tensor] = {}  # per question, when only top layers train
         if config.question_encoder_trainable_layers is not None:
-            _check_trainable_layers(question_encoder, config.question_encoder_trainable_layers)
-            freeze_bottom(question_encoder, config.question_encoder_trainable_layers)
+            _freeze_question_encoder_bottom(question_encoder, config.question_encoder_trainable_layers)
         self.pad_id = generator_tokenizer.pad_token_id
         self.bos_id = generator_tokenizer.bos_token_id
         self.eos_id = generator_tokenizer.eos_token_id
@@ -393,16 +392,16 @@ class RagModule(L.LightningModule):
         return directory
 
 
-def _check_trainable_layers(encoder: nn.Module, n_top: int) -> None:
+def _freeze_question_encoder_bottom(encoder: nn.Module, n_top: int) -> None:
+    """freeze_bottom, with its refusals named after the config key."""
     try:
-        depth = n_layers(encoder)
+        freeze_bottom(encoder, n_top)
     except TypeError as err:
         raise ConfigError(f"model.question_encoder_trainable_layers needs a DPR question encoder: {err}") from None
-    if not 1 <= n_top <= depth:
+    except ValueError as err:
         raise ConfigError(
-            f"model.question_encoder_trainable_layers={n_top} must be in [1, {depth}] for this {depth}-layer "
-            "question encoder (null trains every layer and the embeddings)"
-        )
+            f"model.question_encoder_{err} for this question encoder (null trains every layer and the embeddings)"
+        ) from None
 
 
 def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
