@@ -28,6 +28,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rag_lightning.config import IndexConfig, QuestionEncoderConfig  # noqa: E402
 from rag_lightning.retrieval.faiss_index import PassageIndex  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,7 +98,8 @@ def bench_index(
 ) -> list[dict[str, Any]]:
     """Build once, then time the search for each ``rerank`` of the sweep (a search-time setting)."""
     start = time.perf_counter()
-    index = PassageIndex.build(vectors, cfg)
+    params = {k: v for k, v in cfg.items() if k != "rerank_sweep"}
+    index = PassageIndex.build(vectors, IndexConfig(**params))
     build_s = time.perf_counter() - start
     size_mib = index_file_mib(index)
     results = []
@@ -144,7 +146,7 @@ def bench_encode(n_passages: int, batch_size: int) -> dict[str, Any]:
         start = time.perf_counter()
         store = CorpusStore.build(passages, gen_tok, ctx_tok, Path(tmp) / "store", ctx_max_length=128)
         store_s = time.perf_counter() - start
-        encoder = build_context_encoder({"kind": "minilm"})
+        encoder = build_context_encoder(QuestionEncoderConfig(kind="minilm"))
         start = time.perf_counter()
         encode_passages(
             encoder, store, Path(tmp) / "enc", batch_size=batch_size, shard_size=2048, progress=False
@@ -179,7 +181,7 @@ def world_recall(root: Path, ks: tuple[int, ...] = (1, 5, 20)) -> dict[str, Any]
     index `rag-index data=world` built (skipped when it has not been built)."""
     import json as _json
 
-    from rag_lightning.models.encoders import build_question_encoder, encode_questions, load_encoder_tokenizer
+    from rag_lightning.models.encoders import build_question_encoder, encode_texts, load_encoder_tokenizer
     from rag_lightning.retrieval.store import CorpusStore
 
     index_dir, store_dir = root / "indexes/world-minilm-flat", root / "stores/world"
@@ -188,13 +190,13 @@ def world_recall(root: Path, ks: tuple[int, ...] = (1, 5, 20)) -> dict[str, Any]
         return None
     store, index = CorpusStore.open(store_dir), PassageIndex.load(index_dir, expect={})
     questions = [_json.loads(line) for line in val.read_text().splitlines() if line.strip()]
-    tok = load_encoder_tokenizer({"kind": "minilm"})
+    tok = load_encoder_tokenizer(QuestionEncoderConfig(kind="minilm"))
     batch = tok(
         [q["question"] for q in questions], padding=True, truncation=True, max_length=64, return_tensors="pt"
     )
     with torch.inference_mode():
-        vectors = encode_questions(
-            build_question_encoder({"kind": "minilm"}), batch["input_ids"], batch["attention_mask"]
+        vectors = encode_texts(
+            build_question_encoder(QuestionEncoderConfig(kind="minilm")), batch["input_ids"], batch["attention_mask"]
         )
     _, rows = index.search(vectors.numpy(), max(ks))
     found = [[store.passage_id(int(r)) for r in row] for row in rows]

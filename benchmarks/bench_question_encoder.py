@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from rag_lightning.config import QuestionEncoderConfig
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
 from rag_lightning.models.encoders import build_question_encoder, load_encoder_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-MINILM = {"kind": "minilm"}
+MINILM = QuestionEncoderConfig(kind="minilm")
 
 
 def _questions(n: int) -> list[str]:

@@ -38,6 +38,7 @@ import transformers
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder
 
+from rag_lightning.config import IndexConfig
 from rag_lightning.models.marginalize import rag_token_nll
 from rag_lightning.retrieval.faiss_index import PassageIndex
 
@@ -93,11 +94,10 @@ def build_generator(size: dict[str, Any]) -> BartForConditionalGeneration:
 
 def build_question_encoder(kind: str) -> DPRQuestionEncoder:
     if kind == "minilm":
-        from omegaconf import OmegaConf
-
+        from rag_lightning.config import QuestionEncoderConfig
         from rag_lightning.models.encoders import build_question_encoder as build
 
-        return build(OmegaConf.create({"kind": "minilm"}))
+        return build(QuestionEncoderConfig(kind="minilm"))
     return DPRQuestionEncoder(DPRConfig(vocab_size=30522, **ENCODERS[kind]))
 
 
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     vectors = rng.standard_normal((size["passages"], dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    index = PassageIndex.build(vectors, {"type": "flat", "device": args.index_device})
+    index = PassageIndex.build(vectors, IndexConfig(type="flat", device=args.index_device))
     q_gen = lc // 4  # question tokens inside each context; the passage fills the rest
     passage_tokens = torch.from_numpy(rng.integers(5, vocab, (size["passages"], lc - q_gen - 2), dtype=np.int64))
     index_s = time.time() - started

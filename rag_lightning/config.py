@@ -1,22 +1,27 @@
-"""Structured configs: typed schemas for the model and training sections, checked at start.
+"""Typed section configs: the composed Hydra config stops at the pipeline, everything below takes these.
 
-The YAML files under ``conf/`` stay the source of defaults; these dataclasses are the schemas they are
-validated against (registered in Hydra's ConfigStore too, for ``--info`` and tooling).  A typo, a wrong
-type or an out-of-range value fails before any model is built, with the full key in the message.
+`pipeline.py` (and the entry points) build each section once from the composed config with
+:func:`section`: unknown keys, wrong types, `???` values and out-of-range numbers fail there, before any
+model is built, with the full key in the message. The dataclass defaults here are the one source of
+defaults: the group files under `conf/` agree with them (tests/test_config_defaults.py checks every key)
+and only set what differs or what is a path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from rag_lightning.errors import UserError
+
+T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is missing, misspelt or out of range; the message names the key and the fix."""
 
 
@@ -29,6 +34,124 @@ class Mode(str, Enum):
 class SequenceDecoding(str, Enum):
     thorough = "thorough"
     fast = "fast"
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class WorldOptions:
+    """`data.world`: the world builder's options; all of them enter its manifest's build key."""
+
+    seed: int = 0
+    vocab_size: int = 6000  # byte-level BPE for the generator
+    min_city_population: int = 100_000
+    val_fraction: float = 0.05  # of the entities of each kind
+    test_fraction: float = 0.05
+    max_words: int = 60  # per passage text
+    max_train_questions: int | None = 12000  # None keeps every train question
+    max_eval_questions: int = 300  # per val, test and test_seen split
+    # train questions per fact: 1 picks one of the training phrasings, more ask the fact that many ways
+    train_phrasings: int = 2
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """`data.tokenizer`: the generator tokenizer trained for users' data when it is missing."""
+
+    train_if_missing: bool = True
+    vocab_size: int = 8000
+    max_passages: int | None = 200_000  # passages read for training (None: all)
+
+
+@dataclass
+class DataConfig:
+    """`data`: where the corpus and the QA splits are, and who builds them (`build: world` or null)."""
+
+    name: str = MISSING
+    build: str | None = None
+    dir: str = MISSING
+    corpus_file: str = MISSING
+    train_file: str | None = MISSING
+    val_file: str | None = MISSING
+    test_file: str | None = MISSING
+    extra_test_files: dict[str, str | None] = field(default_factory=dict)
+    # a tokenizer directory; None when a pretrained generator brings its own
+    generator_tokenizer: str | None = None
+    skip_bad_rows: bool = False
+    tokenizer: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
+    world: WorldOptions = field(default_factory=WorldOptions)
+
+    def check(self, prefix: str = "data") -> None:
+        _one_of(f"{prefix}.build", str(self.build), ("world", "None"))
+
+    def test_files(self) -> dict[str, str]:
+        """Every test split this data names: `test` and the `extra_test_files`."""
+        files = {"test": self.test_file} if self.test_file else {}
+        files.update({name: path for name, path in self.extra_test_files.items() if path})
+        return files
+
+
+# ------------------------------------------------------------------------------------------ models
+@dataclass
+class TinyEncoderConfig:
+    hidden_size: int = 32
+    layers: int = 2
+    heads: int = 2
+    intermediate_size: int = 64
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+ENCODER_KINDS = ("minilm", "dpr", "tiny", "path")
+
+
+@dataclass
+class QuestionEncoderConfig:
+    """`model.question_encoder`: the DPR question and context encoders (one group for both)."""
+
+    kind: str = "minilm"  # minilm | dpr | tiny | path
+    question_name_or_path: str | None = None
+    context_name_or_path: str | None = None
+    ctx_max_length: int = 128  # passage tokens for the context encoder ([CLS] title [SEP] text [SEP])
+    tiny: TinyEncoderConfig = field(default_factory=TinyEncoderConfig)
+
+    def check(self, prefix: str = "model.question_encoder") -> None:
+        _one_of(f"{prefix}.kind", self.kind, ENCODER_KINDS)
+        _positive(f"{prefix}.ctx_max_length", self.ctx_max_length)
+        if self.kind in ("dpr", "path"):
+            for which in ("question", "context"):
+                if not getattr(self, f"{which}_name_or_path"):
+                    raise ConfigError(f"{prefix}.{which}_name_or_path is required for kind={self.kind}")
+
+
+GENERATOR_KINDS = ("random", "pretrained")
+
+
+@dataclass
+class GeneratorConfig:
+    """`model.generator`: BART from scratch (`random`, architecture in `config`) or `pretrained`."""
+
+    kind: str = "random"
+    copy: bool = False  # pointer-generator copy head (models/copy_generator.py)
+    copy_continuation: bool = False  # with copy: the pointer steps along a name being copied
+    copy_continuation_bigram: bool = False  # with copy: the same on the last two tokens emitted
+    question_match: bool = False  # with copy: DrQA's exact-match feature between question and passage
+    question_match_unique: bool = False  # with question_match: a mark for a token that occurs once
+    name_or_path: str | None = None  # pretrained: a hub name or a save_pretrained directory
+    tokenizer: str | None = None  # a tokenizer directory; None: the pretrained model's own
+    config: dict[str, Any] = field(default_factory=dict)  # random: BartConfig arguments
+
+    def check(self, prefix: str = "model.generator") -> None:
+        _one_of(f"{prefix}.kind", self.kind, GENERATOR_KINDS)
+        for key in ("copy_continuation", "copy_continuation_bigram", "question_match"):
+            if getattr(self, key) and not self.copy:
+                raise ConfigError(f"{prefix}.{key}=true needs {prefix}.copy=true")
+        if self.question_match_unique and not self.question_match:
+            raise ConfigError(f"{prefix}.question_match_unique=true needs {prefix}.question_match=true")
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ConfigError(f"{prefix}.name_or_path is required for kind=pretrained")
+        if self.kind == "random" and not self.tokenizer:
+            raise ConfigError(f"{prefix}.tokenizer is required for kind=random (a tokenizer directory)")
 
 
 @dataclass
@@ -62,15 +185,15 @@ class DecodingConfig:
 
 @dataclass
 class ModelConfig:
-    """The `model` section; `question_encoder` and `generator` are their own config groups."""
+    """`model`: the RAG mode, its training schedule, and the two models (their own groups)."""
 
     mode: Mode = Mode.rag_token
     n_docs: int = 5
     eval_n_docs: int | None = None  # None: same as n_docs
     freeze_question_encoder: bool = False
     # the question encoder stays frozen for this many optimizer steps while the generator learns to read
-    question_encoder_warmup_steps: int = 0
-    # joint training updates only the top N layers of the question encoder (null: every layer and the
+    question_encoder_warmup_steps: int = 300
+    # joint training updates only the top N layers of the question encoder (None: every layer and the
     # embeddings); the frozen bottom's states are computed once per question
     question_encoder_trainable_layers: int | None = None
     label_smoothing: float = 0.0
@@ -85,8 +208,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
-    question_encoder: Any = None
-    generator: Any = None
+    question_encoder: QuestionEncoderConfig = field(default_factory=QuestionEncoderConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def check(self, prefix: str = "model") -> None:
         _positive(f"{prefix}.n_docs", self.n_docs)
@@ -104,20 +227,112 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.answer_swap_prob={self.answer_swap_prob} must be in [0, 1]")
         self.optim.check(f"{prefix}.optim")
         self.decoding.check(f"{prefix}.decoding")
+        self.question_encoder.check(f"{prefix}.question_encoder")
+        self.generator.check(f"{prefix}.generator")
+
+    @property
+    def retrieves(self) -> bool:
+        return self.mode != Mode.closed_book
+
+    @property
+    def eval_docs(self) -> int:
+        return self.eval_n_docs or self.n_docs
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+DISTRIBUTED_MODES = ("sharded", "replicated")
+# which index keys are build-time (a change rebuilds the index) and which search-time (no rebuild)
+BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed")}
+SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank")}
 
 
 @dataclass
-class DataLoaderConfig:
+class IndexConfig:
+    """`index`: the corpus store, passage encoding and the FAISS index (conf/index/common.yaml)."""
+
+    type: str = "flat"  # flat | hnsw | ivfpq
+    device: str = "cpu"  # gpu: faiss with GPU support
+    num_threads: int = 0  # faiss OpenMP threads; 0 keeps faiss's default (all cores)
+    verify_checksum: bool = True  # sha256 of index.faiss checked when a run loads the index
+    distributed: str = "sharded"  # sharded | replicated, under DDP (retrieval/distributed.py)
+    # passage encoding (resumable in shards)
+    encode_device: str = "auto"  # auto: cuda when available, else cpu
+    batch_size: int = 64
+    shard_size: int = 50_000
+    progress: bool = True
+    # corpus store: passages as the generator reads them after the question ("title / text")
+    gen_max_passage_tokens: int = 256
+    title_separator: str = " / "
+    store_dir: str = MISSING
+    vectors_dir: str = MISSING
+    dir: str = MISSING
+    # hnsw
+    M: int = 32  # graph degree (build)
+    ef_construction: int = 80  # build-time beam (build)
+    ef_search: int = 128  # search-time beam (no rebuild)
+    # ivfpq
+    nlist: int = 0  # inverted lists; 0 = about 4*sqrt(N) (build)
+    m: int = 0  # PQ sub-quantizers (bytes per vector); 0 = dim/8 (build)
+    nbits: int = 8  # bits per sub-quantizer code (build)
+    train_size: int = 0  # training sample; 0 = 64 per list or code (build)
+    seed: int = 0  # training sample seed (build)
+    nprobe: int = 32  # lists visited per query (no rebuild)
+    rerank: int = 16  # candidates per result re-scored exactly; 1: off (no rebuild)
+
+    def check(self, prefix: str = "index") -> None:
+        _one_of(f"{prefix}.type", self.type, INDEX_TYPES)
+        _one_of(f"{prefix}.device", self.device, ("cpu", "gpu"))
+        _one_of(f"{prefix}.distributed", self.distributed, DISTRIBUTED_MODES)
+        _one_of(f"{prefix}.encode_device", self.encode_device.split(":")[0], ("auto", "cpu", "cuda"))
+        _at_least(f"{prefix}.num_threads", self.num_threads, 0)
+        for key in ("batch_size", "shard_size", "gen_max_passage_tokens", "M", "ef_construction", "ef_search",
+                    "nbits", "nprobe", "rerank"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+
+    def build_params(self) -> dict[str, int]:
+        return {key: int(getattr(self, key)) for key in BUILD_KEYS[self.type]}
+
+    def search_params(self) -> dict[str, int]:
+        return {key: int(getattr(self, key)) for key in SEARCH_KEYS[self.type]}
+
+
+CONTEXT_LAYOUTS = ("question_first", "passage_first")
+
+
+@dataclass
+class ContextConfig:
+    """`context`: the generator's input per passage, `question // title / text`, cut to `max_length`."""
+
+    max_length: int = 128
+    layout: str = "question_first"  # question_first | passage_first (transformers' order)
+
+    def check(self, prefix: str = "context") -> None:
+        _one_of(f"{prefix}.layout", self.layout, CONTEXT_LAYOUTS)
+        _at_least(f"{prefix}.max_length", self.max_length, 8)
+
+
+# ------------------------------------------------------------------------------------------ run
+@dataclass
+class LoaderConfig:
     global_batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
 
-    def check(self, prefix: str) -> None:
+    def check(self, prefix: str = "loader") -> None:
         _positive(f"{prefix}.global_batch_size", self.global_batch_size)
         _positive(f"{prefix}.eval_batch_size", self.eval_batch_size)
         _at_least(f"{prefix}.num_workers", self.num_workers, 0)
 
 
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    cache_dir: str = MISSING  # prepared data, corpus stores, vectors and indexes, shared by runs
+    output_dir: str = MISSING  # this run's directory
+
+
+# ------------------------------------------------------------------------------------------ building
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
@@ -133,47 +348,55 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
-def _typed(schema: type, node: DictConfig, key: str) -> Any:
-    """Merge `node` onto `schema` (unknown keys and wrong types fail) and build the dataclass."""
+def section(schema: type[T], node: Any, key: str) -> T:
+    """The typed, checked section `key` of a composed config: `node` merged onto `schema`'s defaults.
+
+    Unknown keys, wrong types and unset (`???`) values fail here with the full key; then the section's own
+    `check` runs its range checks.
+    """
+    if node is None:
+        raise ConfigError(f"config has no `{key}` section; compose it from the stage's root config under conf/")
     try:
-        resolved = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-        merged = OmegaConf.merge(OmegaConf.structured(schema), resolved)
-        return OmegaConf.to_object(merged)
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(plain))
+        typed = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
+        raise ConfigError(f"{full_key} is not set. Fix: pass {full_key}=... on the command line") from None
     except OmegaConfBaseException as err:
         full_key = f"{key}.{err.full_key}" if getattr(err, "full_key", None) else key
         reason = str(err).splitlines()[0]
         raise ConfigError(f"config key {full_key}: {reason}") from None
+    check = getattr(typed, "check", None)
+    if check is not None:
+        check(key)
+    return typed  # type: ignore[return-value]
 
 
-def model_config(cfg: DictConfig) -> ModelConfig:
-    """The typed, range-checked `model` section."""
-    model = _typed(ModelConfig, cfg.model, "model")
-    model.check()
-    return model
+def check_corpus_size(model: ModelConfig, corpus_size: int) -> None:
+    """k passages per question must exist in the corpus."""
+    if not model.retrieves:
+        return
+    for key, k in (("model.n_docs", model.n_docs), ("model.eval_n_docs", model.eval_n_docs)):
+        if k is not None and k > corpus_size:
+            raise ConfigError(f"{key}={k} is larger than the corpus ({corpus_size} passages)")
 
 
-def dataloader_config(cfg: DictConfig) -> DataLoaderConfig:
-    loader = _typed(DataLoaderConfig, cfg.loader, "loader")
-    loader.check("loader")
-    return loader
-
-
-def validate(cfg: DictConfig, corpus_size: int | None = None) -> ModelConfig:
-    """Check the composed config before anything heavy starts; returns the typed model section."""
-    for key in ("data", "model", "trainer", "loader"):
-        if key not in cfg:
-            raise ConfigError(f"config has no `{key}` section; compose from conf/train.yaml")
-    model = model_config(cfg)
-    dataloader_config(cfg)
-    if corpus_size is not None:
-        for key, k in (("model.n_docs", model.n_docs), ("model.eval_n_docs", model.eval_n_docs)):
-            if k is not None and model.mode != Mode.closed_book and k > corpus_size:
-                raise ConfigError(f"{key}={k} is larger than the corpus ({corpus_size} passages)")
-    return model
+# ------------------------------------------------------------------------------------------ Hydra
+SCHEMAS = {  # group -> the dataclass its files extend (listed as `_schema` first in their defaults)
+    "data": DataConfig,
+    "index": IndexConfig,
+    "model": ModelConfig,
+    "model/question_encoder": QuestionEncoderConfig,
+    "model/generator": GeneratorConfig,
+}
 
 
 def register_configs() -> None:
-    """Make the schemas visible to Hydra (e.g. `rag-train --info config` and `schema/model`)."""
+    """Store each group's schema as `<group>/_schema`: the group's files extend it, so every key exists
+    with its dataclass default (one source of defaults), and a misspelt key fails at composition."""
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
-    store.store(group="schema", name="model", node=ModelConfig)
-    store.store(group="schema", name="dataloader", node=DataLoaderConfig)
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name="_schema", node=schema)

@@ -1,4 +1,8 @@
-"""Bad input stops a command with its message alone (file, line or key, and the fix), not a traceback."""
+"""Bad input stops a command with its message alone (file, line or key, and the fix), not a traceback.
+
+Every error a user can fix (config, data, prepare, index state, store) derives from :class:`UserError`, so
+this module depends on nothing else of ours and the entry points catch one family.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions whose message is the whole story: the config, the data, the index or the store."""
-    from rag_lightning.config import ConfigError
-    from rag_lightning.data.prepare_data import PrepareError
-    from rag_lightning.data.readers import DataError
-    from rag_lightning.retrieval.faiss_index import IndexStateError
-    from rag_lightning.retrieval.store import StoreError
-
-    return ConfigError, DataError, PrepareError, IndexStateError, StoreError, FileNotFoundError
+class UserError(Exception):
+    """Something the user can fix: the message names the file, line or key, and what to do."""
 
 
 def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,7 +24,7 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
-        except user_errors() as err:
+        except (UserError, FileNotFoundError) as err:
             if os.environ.get("RAG_DEBUG"):
                 raise
             print(f"error: {err}\n(set RAG_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.errors import friendly_errors
 
 
 def summary_table(store_dir: str, index_dir: str) -> Table:
@@ -40,17 +41,15 @@ def summary_table(store_dir: str, index_dir: str) -> Table:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="index")
+@friendly_errors
 def main(cfg: DictConfig) -> None:
-    from rag_lightning.retrieval.build import ensure_index
+    from rag_lightning.pipeline import index
 
     start = time.perf_counter()
-    store_dir, index_dir = ensure_index(cfg)
+    store, index_dir = index(cfg)
     console = Console()
-    console.print(summary_table(store_dir, index_dir))
-    console.print(
-        f"index '{cfg.data.name}-{cfg.model.question_encoder.kind}-{cfg.index.type}' ready in "
-        f"{time.perf_counter() - start:.1f} s"
-    )
+    console.print(summary_table(str(store.dir), str(index_dir)))
+    console.print(f"index '{Path(index_dir).name}' ready in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,82 +1,136 @@
 """Build the pieces of an experiment from a composed config, and run train / eval / predict.
 
-The Hydra entry points (`train.py`, `eval.py`, `predict.py`) only compose a config and call these.
+This is where the composed Hydra config stops: :func:`sections` turns it into typed section configs once,
+and everything below (data, models, retrieval) takes those or plain arguments. The Hydra entry points
+(`train.py`, `eval.py`, `predict.py`, `index.py`) only compose a config and call these.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rag_lightning.config import ConfigError, Mode, ModelConfig, dataloader_config, validate
+from rag_lightning.config import (
+    ConfigError,
+    ContextConfig,
+    DataConfig,
+    IndexConfig,
+    LoaderConfig,
+    ModelConfig,
+    PathsConfig,
+    QuestionEncoderConfig,
+    check_corpus_size,
+    section,
+)
+from rag_lightning.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "config_resolved.yaml"
+# the config groups and keys that decide what rag-index builds (the rest of a run's overrides do not)
+INDEX_OVERRIDE_PREFIXES = ("data", "index", "model/question_encoder", "model.question_encoder", "paths")
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass
+class Sections:
+    """The typed sections of a composed train / eval / predict config."""
+
+    data: DataConfig
+    model: ModelConfig
+    index: IndexConfig
+    context: ContextConfig
+    loader: LoaderConfig
+    paths: PathsConfig
+    max_question_length: int
+    max_answer_length: int
+
+
+def sections(cfg: DictConfig) -> Sections:
+    """Every section of ``cfg`` typed and checked, before anything heavy starts."""
+    for key in ("data", "model", "index", "loader", "paths"):
+        if key not in cfg:
+            raise ConfigError(f"config has no `{key}` section; compose from conf/train.yaml")
+    return Sections(
+        data=section(DataConfig, cfg.data, "data"),
+        model=section(ModelConfig, cfg.model, "model"),
+        index=section(IndexConfig, cfg.index, "index"),
+        context=section(ContextConfig, cfg.get("context") or {}, "context"),
+        loader=section(LoaderConfig, cfg.loader, "loader"),
+        paths=section(PathsConfig, cfg.paths, "paths"),
+        max_question_length=int(cfg.max_question_length),
+        max_answer_length=int(cfg.max_answer_length),
+    )
+
+
+def rebuild_command(cfg: DictConfig) -> str:
+    """The `rag-index` command that builds what this config retrieves from: the overrides of this job that
+    concern the data, the index and the encoders (a resumed or evaluated run: the ones it was trained with)."""
+    overrides = cfg.get("hydra_overrides")
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.lstrip("+~").startswith(INDEX_OVERRIDE_PREFIXES)]
+    chosen = [
+        f"data={cfg.data.name}",
+        f"index={cfg.index.type}",
+        f"model/question_encoder={cfg.model.question_encoder.kind}",
+    ]
+    groups = {o.split("=", 1)[0] for o in kept}
+    return " ".join(["rag-index", *(c for c in chosen if c.split("=", 1)[0] not in groups), *kept])
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def build_retriever(cfg: DictConfig):
-    """Corpus store + FAISS index (built or checked by ensure_index) behind the Retriever API; under DDP the
-    ranks search their shards of the index (or each the whole one), as ``index.distributed`` says."""
-    from rag_lightning.retrieval.distributed import open_distributed_retriever
+def retrieval_spec(s: Sections, command: str):
+    from rag_lightning.retrieval.build import RetrievalSpec
 
-    return open_distributed_retriever(cfg)
+    return RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir, command)
 
 
-def build_module(cfg: DictConfig, model_cfg: ModelConfig, generator_tokenizer, retriever) -> Any:
+def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
     from rag_lightning.models.encoders import build_question_encoder
     from rag_lightning.models.generator import build_generator
     from rag_lightning.models.module import RagModule
 
-    question_encoder = build_question_encoder(cfg.model.question_encoder)
-    generator = build_generator(cfg.model.generator, generator_tokenizer)
     return RagModule(
-        question_encoder,
-        generator,
-        model_cfg,
+        build_question_encoder(s.model.question_encoder),
+        build_generator(s.model.generator, generator_tokenizer),
+        s.model,
         generator_tokenizer=generator_tokenizer,
         retriever=retriever,
-        predictions_dir=cfg.paths.output_dir,
+        predictions_dir=s.paths.output_dir,
     )
 
 
-def build_datamodule(cfg: DictConfig, generator_tokenizer) -> Any:
+def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
     from rag_lightning.data.datamodule import RagDataModule
     from rag_lightning.models.encoders import load_encoder_tokenizer
 
-    loader = dataloader_config(cfg)
     return RagDataModule(
-        train_file=cfg.data.get("train_file"),
-        val_file=cfg.data.get("val_file"),
-        test_files=test_files(cfg),
-        question_tokenizer=load_encoder_tokenizer(cfg.model.question_encoder),
+        files={"train": s.data.train_file, "val": s.data.val_file, **s.data.test_files()},
+        question_tokenizer=load_encoder_tokenizer(s.model.question_encoder),
         generator_tokenizer=generator_tokenizer,
-        global_batch_size=loader.global_batch_size,
-        eval_batch_size=loader.eval_batch_size,
-        num_workers=loader.num_workers,
-        max_question_length=cfg.max_question_length,
-        max_answer_length=cfg.max_answer_length,
-        skip_bad_rows=cfg.data.get("skip_bad_rows", False),
+        global_batch_size=s.loader.global_batch_size,
+        eval_batch_size=s.loader.eval_batch_size,
+        num_workers=s.loader.num_workers,
+        max_question_length=s.max_question_length,
+        max_answer_length=s.max_answer_length,
+        skip_bad_rows=s.data.skip_bad_rows,
     )
-
-
-def test_files(cfg: DictConfig) -> dict[str, str]:
-    files = {}
-    if cfg.data.get("test_file"):
-        files["test"] = cfg.data.test_file
-    for name, path in (cfg.data.get("extra_test_files") or {}).items():
-        if path:
-            files[name] = path
-    return files
 
 
 def instantiate_all(node: DictConfig | None) -> list:
@@ -86,40 +140,53 @@ def instantiate_all(node: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in node.values() if c is not None and "_target_" in c]
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+def build_trainer(trainer_cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> L.Trainer:
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
-def prepare_inputs(cfg: DictConfig) -> None:
-    """Build the data set when it is ours to build (the world set), else check the files exist."""
+def setup(cfg: DictConfig) -> tuple[Sections, Any, Any]:
+    """Everything a stage needs: the typed sections, the module (with its retriever) and the data module."""
     from rag_lightning.data.prepare_data import ensure_prepared
+    from rag_lightning.models.generator import generator_tokenizer as load_generator_tokenizer
 
-    ensure_prepared(cfg.data)
-
-
-def setup(cfg: DictConfig):
-    """Everything a stage needs: typed model config, tokenizer, retriever, module, data module."""
-    from rag_lightning.models.generator import load_generator_tokenizer_for
-
-    model_cfg = validate(cfg)
-    prepare_inputs(cfg)
-    generator_tokenizer = load_generator_tokenizer_for(cfg.model.generator)
+    s = sections(cfg)
+    ensure_prepared(s.data)
+    generator_tokenizer = load_generator_tokenizer(s.model.generator)
     retriever = None
-    if model_cfg.mode != Mode.closed_book:
-        retriever = build_retriever(cfg)
-        validate(cfg, corpus_size=len(retriever.store))
-    module = build_module(cfg, model_cfg, generator_tokenizer, retriever)
-    datamodule = build_datamodule(cfg, generator_tokenizer)
-    return model_cfg, module, datamodule
+    if s.model.retrieves:
+        from rag_lightning.retrieval.build import open_retriever
+
+        retriever = open_retriever(retrieval_spec(s, rebuild_command(cfg)), generator_tokenizer)
+        check_corpus_size(s.model, len(retriever))
+    return s, build_module(s, generator_tokenizer, retriever), build_datamodule(s, generator_tokenizer)
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
-    """The fully resolved config of the run: what rag-eval and rag-predict rebuild the model from."""
-    path = Path(output_dir) / RESOLVED_CONFIG
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The fully resolved config of the run, with the job's overrides: what rag-eval and rag-predict
+    rebuild the model from."""
+    from hydra.core.hydra_config import HydraConfig
+
     container = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(container), path)
+    if HydraConfig.initialized() and "hydra_overrides" not in container:
+        container["hydra_overrides"] = list(HydraConfig.get().overrides.task)
+    path = Path(output_dir) / RESOLVED_CONFIG
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(container)))
     return path
+
+
+@contextmanager
+def cleaned_on_user_error(output_dir: str | Path) -> Iterator[None]:
+    """A run that stops on bad input before writing anything leaves no run directory behind (Hydra makes it,
+    and its `.hydra/` record, before the task starts); a directory with anything else in it is kept."""
+    from rag_lightning.errors import UserError
+
+    try:
+        yield
+    except (UserError, FileNotFoundError):
+        out = Path(output_dir)
+        if out.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def sweep_job() -> tuple[Path, str, list[str]] | None:
@@ -170,30 +237,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     try:
-        model_cfg, module, datamodule = setup(cfg)
-        ckpt_path = resolve_ckpt_path(cfg)
+        with cleaned_on_user_error(output_dir):
+            s, module, datamodule = setup(cfg)
+            ckpt_path = resolve_ckpt_path(cfg)
         group_sweep_runs(cfg)
         save_resolved_config(cfg, output_dir)
-        trainer = build_trainer(cfg, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
-        log_effective_batch(trainer, cfg)
+        trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
+        log_effective_batch(trainer, s.loader)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best = best_checkpoint(trainer)
-        if cfg.get("test"):
-            for split in test_files(cfg):
-                module.eval_split = split
-                datamodule.test_split = split
-                trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
-                results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")})
+        splits = list(s.data.test_files()) if cfg.get("test") else []
+        for split in splits:
+            trainer.test(module, dataloaders=datamodule.test_loader(split), ckpt_path=best, weights_only=True)
+            results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")})
         if cfg.get("export") and trainer.is_global_zero:
-            if best and not cfg.get("test"):
+            if best and not splits:
                 module.load_state_dict(load_state_dict(best))
             export_dir = module.export_pretrained(output_dir / "checkpoints" / "hf")
             log.info("exported question encoder and generator to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)
         if trainer.is_global_zero:
-            write_metrics(results, output_dir / "metrics.json")
-            print_results(results, output_dir, list(test_files(cfg)) if cfg.get("test") else [])
+            write_json_atomic(output_dir / "metrics.json", dict(sorted(results.items())))
+            print_results(results, output_dir, splits, produced=_produced(output_dir))
         return results
     finally:
         finish_loggers()
@@ -229,8 +295,7 @@ def load_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
-def log_effective_batch(trainer: L.Trainer, cfg: DictConfig) -> None:
-    loader = dataloader_config(cfg)
+def log_effective_batch(trainer: L.Trainer, loader: LoaderConfig) -> None:
     effective = loader.global_batch_size * trainer.accumulate_grad_batches
     per_device = loader.global_batch_size // max(trainer.world_size, 1)
     log.info(
@@ -244,11 +309,15 @@ def log_effective_batch(trainer: L.Trainer, cfg: DictConfig) -> None:
         logger.log_hyperparams({"effective_batch_size": effective, "per_device_batch_size": per_device})
 
 
-def write_metrics(results: dict[str, float], path: Path) -> None:
-    path.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n", encoding="utf-8")
+def _produced(output_dir: Path) -> list[str]:
+    """What a run directory holds, for the closing line (only what is really there)."""
+    names = ["metrics.json", *sorted(p.name for p in output_dir.glob("predictions*.jsonl"))]
+    if (output_dir / "checkpoints").is_dir():
+        names.append("checkpoints/")
+    return [n for n in names if (output_dir / n.rstrip("/")).exists()]
 
 
-def print_results(results: dict[str, float], output_dir: Path, splits: list[str]) -> None:
+def print_results(results: dict[str, float], output_dir: Path, splits: list[str], produced: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -264,7 +333,7 @@ def print_results(results: dict[str, float], output_dir: Path, splits: list[str]
             table.add_row(split, *(f"{results[f'{split}/{c}']:.4f}" if f"{split}/{c}" in results else "-" for c in columns))
     console = Console()
     console.print(table)
-    console.print(f"run directory: {output_dir}  (metrics.json, predictions_*.jsonl, checkpoints/)")
+    console.print(f"run directory: {output_dir}  ({', '.join(produced)})")
 
 
 # ------------------------------------------------------------------------------------------ eval / predict
@@ -279,8 +348,7 @@ def run_config(ckpt_path: str | Path, overrides: DictConfig) -> DictConfig:
         raise ConfigError(f"{saved} not found: ckpt_path must be a checkpoint inside a rag-train run directory")
     cfg = OmegaConf.load(saved)
     OmegaConf.set_struct(cfg, False)
-    cfg = OmegaConf.merge(cfg, _non_null(OmegaConf.to_container(overrides, resolve=True)))
-    return cfg
+    return OmegaConf.merge(cfg, _non_null(OmegaConf.to_container(overrides, resolve=True)))
 
 
 def _non_null(node: Any) -> Any:
@@ -289,51 +357,105 @@ def _non_null(node: Any) -> Any:
     return node
 
 
-def load_trained(cfg: DictConfig, ckpt_path: str, output_dir: str):
+def load_trained(run_cfg: DictConfig, ckpt_path: str, output_dir: str) -> tuple[Any, Any]:
     """Module and data module of a trained run, weights from `ckpt_path`."""
-    cfg.paths.output_dir = output_dir
-    _, module, datamodule = setup(cfg)
+    with open_dict(run_cfg):
+        run_cfg.paths.output_dir = output_dir
+    _, module, datamodule = setup(run_cfg)
     module.load_state_dict(load_state_dict(ckpt_path))
     module.eval()
     return module, datamodule
 
 
+def eval_trainer(run_cfg: DictConfig, accelerator: str, output_dir: str | Path, **extra: Any) -> L.Trainer:
+    """A one-device trainer from the run's own trainer config (its precision and limits), without its
+    strategy, loggers or checkpointing."""
+    return build_trainer(
+        run_cfg.trainer,
+        callbacks=[],
+        loggers=[],
+        accelerator=accelerator,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        default_root_dir=str(output_dir),
+        enable_checkpointing=False,
+        **extra,
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on any QA file: metrics.json and predictions.jsonl in this run's directory."""
     output_dir = Path(cfg.paths.output_dir)
-    run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"data": cfg.data, "model": cfg.model}))
-    run_cfg.test = True
-    module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
-    split = cfg.split_name
-    if cfg.data.get("test_file"):
-        datamodule.files[split] = cfg.data.test_file
-    module.eval_split = datamodule.test_split = split
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False)
-    trainer.test(module, datamodule=datamodule)
+    with cleaned_on_user_error(output_dir):
+        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"data": cfg.data, "model": cfg.model}))
+        module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
+        split = cfg.split_name
+        loader = datamodule.test_loader(split, cfg.data.get("test_file"))
+    trainer = eval_trainer(run_cfg, cfg.accelerator, output_dir)
+    trainer.test(module, dataloaders=loader)
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
-    write_metrics(results, output_dir / "metrics.json")
+    write_json_atomic(output_dir / "metrics.json", dict(sorted(results.items())))
     produced = output_dir / f"predictions_{split}.jsonl"
     if produced.exists():
         produced.replace(output_dir / "predictions.jsonl")
-    print_results(results, output_dir, [split])
+    print_results(results, output_dir, [split], produced=_produced(output_dir))
     return results
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """No device banners, tips or warnings from Lightning: rag-predict prints the answer and its passages."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def predict(cfg: DictConfig) -> list[dict]:
     """Answer questions from the command line, with the passages used."""
-    from rag_lightning.data.readers import QAExample
-
     questions = [cfg.question] if isinstance(cfg.question, str) else list(cfg.question)
-    run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"model": cfg.model}))
-    module, datamodule = load_trained(run_cfg, cfg.ckpt_path, cfg.paths.output_dir)
-    datamodule.predict_examples = [QAExample(f"q{i}", q, [], []) for i, q in enumerate(questions)]
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_progress_bar=False)
-    records = [r for batch in trainer.predict(module, datamodule=datamodule) for r in batch]
-    out = Path(cfg.paths.output_dir) / "predictions.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    for i, q in enumerate(questions):
+        if not str(q).strip():
+            raise ConfigError(f"question={q!r}{f' (question {i})' if len(questions) > 1 else ''} is empty; ask something")
+    output_dir = Path(cfg.paths.output_dir)
+    with cleaned_on_user_error(output_dir):
+        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"model": cfg.model}))
+        module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
+    with quiet_lightning():
+        trainer = eval_trainer(run_cfg, cfg.accelerator, output_dir, enable_progress_bar=False, enable_model_summary=False)
+        records = [r for batch in trainer.predict(module, dataloaders=datamodule.predict_loader(questions)) for r in batch]
+    write_text_atomic(output_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     for r in records:
-        print(f"Q: {r['question']}\nA: {r['answer']}")
+        print(f"Q: {r['question']}\nA: {r['prediction']}")
         for p in r.get("passages", []):
             print(f"  [{p['p']:.3f}] {p['id']} {p['title']}: {p['text'][:120]}")
     return records
+
+
+def index(cfg: DictConfig) -> tuple[Any, Path]:
+    """rag-index's work: the data prepared, then the corpus store and the FAISS index built or checked."""
+    from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
+    from rag_lightning.data.prepare_data import ensure_prepared
+    from rag_lightning.retrieval.build import RetrievalSpec, ensure_index
+
+    data = section(DataConfig, cfg.data, "data")
+    encoder = section(QuestionEncoderConfig, cfg.model.question_encoder, "model.question_encoder")
+    index_cfg = section(IndexConfig, cfg.index, "index")
+    paths = section(PathsConfig, cfg.paths, "paths")
+    ensure_prepared(data)
+    if data.generator_tokenizer is None:
+        raise ConfigError(
+            "data.generator_tokenizer is null: rag-index tokenises the corpus for the generator; point it at a "
+            "tokenizer directory (rag-train builds the index with its generator's own tokenizer instead)"
+        )
+    spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
+    store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer))
+    return store, index_dir

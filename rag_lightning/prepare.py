@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rag_lightning.conf_path import CONFIG_DIR
-from rag_lightning.data.prepare_data import ensure_prepared
-from rag_lightning.data.world import KINDS, MANIFEST_FILE, SPLITS, TOKENIZER_DIR
+from rag_lightning.config import DataConfig, section
+from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST, ensure_prepared
 from rag_lightning.errors import friendly_errors
 
 
@@ -24,13 +24,13 @@ def summary_table(manifest: dict[str, Any]) -> Table:
         table.add_column("count", justify="right")
         table.add_column("file", overflow="fold")
         counts = manifest["counts"]
-        table.add_row("passages", f"{counts['passages']:,}", "corpus.jsonl")
-        for split in SPLITS:
-            table.add_row(f"{split} questions", f"{counts['questions'][split]:,}", f"{split}.jsonl")
-        for kind in KINDS:
-            table.add_row(f"{kind} entities", f"{counts['entities'][kind]:,}", "")
-        table.add_row("generator tokenizer", "", f"{TOKENIZER_DIR}/")
-        table.add_row("manifest", "", MANIFEST_FILE)
+        table.add_row("passages", f"{counts['passages']:,}", WORLD_FILE_KEYS["corpus_file"])
+        for split, n in counts["questions"].items():
+            table.add_row(f"{split} questions", f"{n:,}", f"{split}.jsonl")
+        for kind, n in counts["entities"].items():
+            table.add_row(f"{kind} entities", f"{n:,}", "")
+        table.add_row("generator tokenizer", "", f"{WORLD_FILE_KEYS['generator_tokenizer']}/")
+        table.add_row("manifest", "", WORLD_MANIFEST)
         return table
     table = Table(title="your data")
     table.add_column("item")
@@ -48,7 +48,7 @@ def summary_table(manifest: dict[str, Any]) -> Table:
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
-    manifest = ensure_prepared(cfg.data, validate=True)
+    manifest = ensure_prepared(section(DataConfig, cfg.data, "data"), validate=True)
     console = Console()
     console.print(summary_table(manifest))
     status = manifest.get("status", "checked")

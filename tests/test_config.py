@@ -1,10 +1,19 @@
 import pytest
 from omegaconf import OmegaConf
 
-from rag_lightning.config import ConfigError, Mode, model_config, validate
+from rag_lightning.config import (
+    ConfigError,
+    ContextConfig,
+    IndexConfig,
+    LoaderConfig,
+    Mode,
+    ModelConfig,
+    check_corpus_size,
+    section,
+)
 
 
-def _cfg(**model):
+def _model(**model):
     base = {
         "mode": "rag_token",
         "n_docs": 5,
@@ -14,15 +23,14 @@ def _cfg(**model):
         "generator": {"kind": "random", "tokenizer": "${data.tok}"},
     }
     base.update(model)
-    return OmegaConf.create(
-        {"data": {"tok": "x"}, "model": base, "trainer": {}, "loader": {"global_batch_size": 4}}
-    )
+    return OmegaConf.create({"data": {"tok": "x"}, "model": base}).model
 
 
 def test_valid_config_is_typed():
-    model = validate(_cfg())
+    model = section(ModelConfig, _model(), "model")
     assert model.mode == Mode.rag_token
-    assert model.generator["tokenizer"] == "x"  # interpolations resolved
+    assert model.generator.tokenizer == "x"  # interpolations resolved
+    assert model.question_encoder.tiny.hidden_size == 32  # the dataclass default fills what is not set
 
 
 @pytest.mark.parametrize(
@@ -36,20 +44,35 @@ def test_valid_config_is_typed():
         ({"optim": {"lr": "fast"}}, "model.optim.lr"),
         ({"decoding": {"num_beams": 0}}, "model.decoding.num_beams"),
         ({"gold_passage_steps": -1}, "model.gold_passage_steps"),
+        ({"question_encoder": {"kind": "bert"}}, "model.question_encoder.kind"),
+        ({"generator": {"kind": "random", "tokenizer": "x", "question_match": True}}, "model.generator.question_match"),
+        ({"generator": {"kind": "pretrained"}}, "model.generator.name_or_path"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        model_config(_cfg(**override))
+        section(ModelConfig, _model(**override), "model")
+
+
+def test_unset_value_names_the_key_and_the_fix():
+    node = OmegaConf.create({"type": "flat", "store_dir": "???", "vectors_dir": "v", "dir": "d"})
+    with pytest.raises(ConfigError, match=r"index\.store_dir is not set\. Fix: pass index\.store_dir="):
+        section(IndexConfig, node, "index")
 
 
 def test_n_docs_larger_than_corpus():
+    model = section(ModelConfig, _model(), "model")
     with pytest.raises(ConfigError, match=r"model\.n_docs=5 is larger than the corpus \(3 passages\)"):
-        validate(_cfg(), corpus_size=3)
+        check_corpus_size(model, 3)
+    check_corpus_size(model, 5)
 
 
 def test_global_batch_must_be_positive():
-    cfg = _cfg()
-    cfg.loader.global_batch_size = 0
     with pytest.raises(ConfigError, match=r"loader\.global_batch_size"):
-        validate(cfg)
+        section(LoaderConfig, {"global_batch_size": 0}, "loader")
+
+
+@pytest.mark.parametrize(("node", "key"), [({"max_length": 1}, "context.max_length"), ({"layout": "foo"}, "context.layout")])
+def test_context_checks_name_the_key(node, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        section(ContextConfig, node, "context")

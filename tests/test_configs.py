@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rag_lightning.conf_path import CONFIG_DIR
-from rag_lightning.config import validate
+from rag_lightning.pipeline import sections
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
@@ -22,7 +22,7 @@ def _compose(name: str, *overrides: str):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
     cfg = _compose("train", f"experiment={experiment}", "paths.output_dir=/tmp/x")
-    model = validate(cfg)
+    model = sections(cfg).model
     assert cfg.experiment_name == experiment
     assert OmegaConf.select(cfg, "trainer._target_") == "lightning.pytorch.Trainer"
     assert model.n_docs > 0
@@ -44,12 +44,25 @@ def test_root_configs_compose(name):
     assert cfg.task_name == name
 
 
-@pytest.mark.parametrize("group", ["trainer=ddp", "trainer=gpu", "trainer=ddp_cpu", "logger=all", "index=hnsw",
-                                   "index=ivfpq", "model/generator=bart_base", "callbacks=with_early_stopping",
-                                   "debug=limit", "model/question_encoder=dpr_nq"])
-def test_config_group_options_compose(group):
+@pytest.mark.parametrize(
+    ("group", "key", "value"),
+    [
+        ("trainer=ddp", "trainer.strategy._target_", "rag_lightning.ddp.HydraDDPStrategy"),
+        ("trainer=gpu", "trainer.accelerator", "gpu"),
+        ("trainer=ddp_cpu", "trainer.strategy.process_group_backend", "gloo"),
+        ("logger=all", "logger.tensorboard._target_", "lightning.pytorch.loggers.TensorBoardLogger"),
+        ("index=hnsw", "index.type", "hnsw"),
+        ("index=ivfpq", "index.type", "ivfpq"),
+        ("model/generator=bart_base", "model.generator.name_or_path", "facebook/bart-base"),
+        ("callbacks=with_early_stopping", "callbacks.early_stopping._target_", "lightning.pytorch.callbacks.EarlyStopping"),
+        ("debug=limit", "trainer.max_steps", 20),
+        ("model/question_encoder=dpr_nq", "model.question_encoder.kind", "dpr"),
+    ],
+)
+def test_config_group_options_compose(group, key, value):
     cfg = _compose("train", group, "paths.output_dir=/tmp/x")
-    validate(cfg)
+    sections(cfg)  # typed and checked
+    assert OmegaConf.select(cfg, key) == value
 
 
 def test_wandb_offline_run_holds_logged_metrics(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import BartConfig
 
+from rag_lightning.config import ConfigError, GeneratorConfig, section
 from rag_lightning.models.copy_generator import (
     CopyBartForConditionalGeneration,
     bigram_continuation_feature,
@@ -159,9 +160,7 @@ def test_foreign_encoder_states_are_refused():
 
 
 def test_build_generator_wires_continuation_and_refuses_it_without_copy():
-    from omegaconf import OmegaConf
 
-    from rag_lightning.config import ConfigError
     from rag_lightning.models.generator import build_generator
 
     class _Tok:
@@ -172,28 +171,26 @@ def test_build_generator_wires_continuation_and_refuses_it_without_copy():
 
     arch = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
             "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
-    cfg = OmegaConf.create({"kind": "random", "copy": True, "copy_continuation": True, "config": arch})
-    model = build_generator(cfg, _Tok())
+    node = {"kind": "random", "tokenizer": "tok", "copy": True, "copy_continuation": True, "config": arch}
+    model = build_generator(section(GeneratorConfig, node, "model.generator"), _Tok())
     assert isinstance(model, CopyBartForConditionalGeneration) and model.copy_continue is not None
     assert model.match_embedding is None
-    cfg.copy = False
     with pytest.raises(ConfigError, match="copy_continuation=true needs model.generator.copy=true"):
-        build_generator(cfg, _Tok())
+        section(GeneratorConfig, {**node, "copy": False}, "model.generator")
 
 
 @pytest.mark.parametrize("unique", [False, True])
 def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique):
-    from omegaconf import OmegaConf
     from test_store import make_gen_tokenizer
 
+    from rag_lightning.data.pieces import piece_ids
     from rag_lightning.models.generator import build_generator
-    from rag_lightning.retrieval.store import piece_ids
 
     tok = make_gen_tokenizer(tmp_path / "tok")
     arch = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
             "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32}
-    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": True,
-                            "question_match_unique": unique, "config": arch})
+    cfg = GeneratorConfig(kind="random", tokenizer="tok", copy=True, question_match=True,
+                          question_match_unique=unique, config=arch)
     model = build_generator(cfg, tok)
     assert model.config.question_match_separator == piece_ids(tok, "//")
     assert model.match_embedding.num_embeddings == (3 if unique else 2)
@@ -209,15 +206,12 @@ def test_question_match_unique_marks_matches_that_occur_once_on_their_side():
 
 
 def test_question_match_unique_needs_question_match(tmp_path):
-    from omegaconf import OmegaConf
 
-    from rag_lightning.config import ConfigError
-    from rag_lightning.models.generator import build_generator
 
-    cfg = OmegaConf.create({"kind": "random", "copy": True, "question_match": False,
-                            "question_match_unique": True, "config": {}})
+    node = {"kind": "random", "tokenizer": "tok", "copy": True, "question_match": False,
+            "question_match_unique": True}
     with pytest.raises(ConfigError, match="question_match_unique=true needs model.generator.question_match=true"):
-        build_generator(cfg, None)
+        section(GeneratorConfig, node, "model.generator")
 
 
 def test_bigram_continuation_fires_only_after_the_last_two_tokens():

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rag_lightning.config import IndexConfig
 from rag_lightning.retrieval.distributed import (
-    DistributedRetriever,
+    DistributedSearch,
     LazyPassageIndex,
     exact_scores,
     shard_bounds,
@@ -62,16 +62,16 @@ def brute_force(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def build_indexes(root: Path) -> dict[str, str]:
     dirs = {}
     for kind, cfg in TYPES.items():
-        index = PassageIndex.build(synthetic_vectors(), {**cfg, "num_threads": 1, "seed": 0})
+        index = PassageIndex.build(synthetic_vectors(), IndexConfig(**cfg, num_threads=1, seed=0))
         index.save(root / kind, {})
         dirs[kind] = str(root / kind)
     return dirs
 
 
-def open_retriever(directory: str, kind: str, mode: str) -> DistributedRetriever:
-    cfg = {**TYPES[kind], "num_threads": 1}
+def open_retriever(directory: str, kind: str, mode: str) -> DistributedSearch:
+    cfg = IndexConfig(**TYPES[kind], num_threads=1)
     index = LazyPassageIndex.open(directory, expect={}, cfg=cfg, verify_checksum=True)
-    return DistributedRetriever(SimpleNamespace(index=index, store=None), mode, cfg)  # type: ignore[arg-type]
+    return DistributedSearch(index, mode, cfg)
 
 
 # ------------------------------------------------------------------------------------------ pure functions
@@ -234,8 +234,10 @@ def test_ddp_cpu_training_two_processes(tmp_path: Path) -> None:
     single = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     for record in single:
         other = ddp[record["id"]]
-        assert record["passage_ids"] == other["passage_ids"]
-        np.testing.assert_allclose(record["doc_scores"], other["doc_scores"], atol=2e-5)
+        assert [p["id"] for p in record["passages"]] == [p["id"] for p in other["passages"]]
+        np.testing.assert_allclose(
+            [p["score"] for p in record["passages"]], [p["score"] for p in other["passages"]], atol=2e-5
+        )
 
 
 # ------------------------------------------------------------------------------------------ GPU check

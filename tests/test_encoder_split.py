@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rag_lightning.config import QuestionEncoderConfig, section
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom, n_layers
 from rag_lightning.models.encoders import (
     build_context_encoder,
@@ -12,7 +13,7 @@ from rag_lightning.models.encoders import (
     load_encoder_tokenizer,
 )
 
-TINY = {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 3, "heads": 2}}
+TINY = section(QuestionEncoderConfig, {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 3, "heads": 2}}, "encoder")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,18 +10,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
+from rag_lightning.config import ConfigError, QuestionEncoderConfig, TinyEncoderConfig, section
 from rag_lightning.models.encoders import (
     build_context_encoder,
     build_question_encoder,
-    encode_questions,
+    encode_texts,
     encoder_fingerprint,
     load_bert_weights,
     load_encoder_tokenizer,
     minilm_dir,
 )
 
-MINILM = {"kind": "minilm", "max_length": 64, "ctx_max_length": 128}
-TINY = {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2}}
+MINILM = QuestionEncoderConfig(kind="minilm", ctx_max_length=128)
+TINY = section(QuestionEncoderConfig, {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2}}, "encoder")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def test_minilm_dpr_encoders_reproduce_bert_cls_exactly(batch: dict[str, torch.T
     with torch.no_grad():
         reference = bert(**batch).last_hidden_state[:, 0]
         for encoder in (build_question_encoder(MINILM), build_context_encoder(MINILM)):
-            vectors = encode_questions(encoder.eval(), batch["input_ids"], batch["attention_mask"])
+            vectors = encode_texts(encoder.eval(), batch["input_ids"], batch["attention_mask"])
             assert vectors.shape == (2, 384)
             assert torch.equal(vectors, reference)
 
@@ -49,7 +51,7 @@ def test_load_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
     state["extra.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "model.safetensors"))
     encoder = build_context_encoder(
-        TINY | {"tiny": {"hidden_size": 384, "layers": 6, "heads": 12, "intermediate_size": 1536}}
+        replace(TINY, tiny=TinyEncoderConfig(hidden_size=384, layers=6, heads=12, intermediate_size=1536))
     )
     with pytest.raises(ValueError, match=r"missing \['encoder.layer.0.attention.self.query.weight'\].*extra"):
         load_bert_weights(encoder.ctx_encoder.bert_model, tmp_path / "model.safetensors")
@@ -76,14 +78,16 @@ def test_path_kind_loads_a_saved_encoder(tmp_path: Path, batch: dict[str, torch.
     tiny = build_context_encoder(TINY)
     tiny.save_pretrained(tmp_path / "ctx")
     load_encoder_tokenizer(MINILM).save_pretrained(tmp_path / "ctx")
-    cfg = {"kind": "path", "context_name_or_path": str(tmp_path / "ctx")}
+    cfg = QuestionEncoderConfig(kind="path", context_name_or_path=str(tmp_path / "ctx"))
     loaded = build_context_encoder(cfg)
     assert encoder_fingerprint(loaded) == encoder_fingerprint(tiny)
     assert load_encoder_tokenizer(cfg, "context").vocab_size == 30522
     with pytest.raises(FileNotFoundError, match="question_name_or_path"):
-        build_question_encoder({"kind": "path", "question_name_or_path": str(tmp_path / "nope")})
+        build_question_encoder(QuestionEncoderConfig(kind="path", question_name_or_path=str(tmp_path / "nope")))
 
 
 def test_unknown_kind_is_named() -> None:
-    with pytest.raises(ValueError, match="kind='bert'"):
-        build_question_encoder({"kind": "bert"})
+    with pytest.raises(ConfigError, match="kind='bert'"):
+        build_question_encoder(QuestionEncoderConfig(kind="bert"))
+    with pytest.raises(ConfigError, match=r"model\.question_encoder\.kind='bert'"):
+        section(QuestionEncoderConfig, {"kind": "bert"}, "model.question_encoder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from rag_lightning.config import IndexConfig, QuestionEncoderConfig, section
 from rag_lightning.models.encoders import build_context_encoder
 from rag_lightning.retrieval.encode import encode_passages
 from rag_lightning.retrieval.faiss_index import (
@@ -25,9 +27,9 @@ from rag_lightning.retrieval.store import CorpusStore
 N, D = 4000, 64
 # one faiss thread: OpenMP's spinning threads crawl on a small shared machine, and the sets are tiny
 CONFIGS = {
-    "flat": {"type": "flat", "num_threads": 1},
-    "hnsw": {"type": "hnsw", "num_threads": 1, "M": 16, "ef_construction": 40, "ef_search": 64},
-    "ivfpq": {"type": "ivfpq", "num_threads": 1, "nlist": 32, "m": 32, "nbits": 6, "nprobe": 8, "rerank": 4},
+    "flat": IndexConfig(type="flat", num_threads=1),
+    "hnsw": IndexConfig(type="hnsw", num_threads=1, M=16, ef_construction=40, ef_search=64),
+    "ivfpq": IndexConfig(type="ivfpq", num_threads=1, nlist=32, m=32, nbits=6, nprobe=8, rerank=4),
 }
 MANIFEST = {"encoder_name": "test", "encoder_fingerprint": "f" * 64, "corpus_hash": "c" * 64}
 
@@ -106,7 +108,7 @@ def test_truncated_or_corrupt_files_get_clear_errors(flat: PassageIndex, tmp_pat
     with pytest.raises(IndexCorruptError, match="sha256"):
         PassageIndex.load(tmp_path, expect=MANIFEST)
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    from rag_lightning.retrieval.store import sha256_file
+    from rag_lightning.files import sha256_file
 
     manifest["index_sha256"] = sha256_file(path)  # damaged file whose checksum was recorded: faiss must fail
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -127,7 +129,7 @@ def test_search_argument_errors(flat: PassageIndex) -> None:
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the message on machines without faiss GPUs")
 def test_gpu_request_without_gpu_faiss_is_explained(data: tuple[np.ndarray, np.ndarray]) -> None:
     with pytest.raises(RuntimeError, match=r"index.device=gpu needs faiss built with GPU support"):
-        PassageIndex.build(data[0][:300], {"type": "flat", "device": "gpu"})
+        PassageIndex.build(data[0][:300], IndexConfig(type="flat", device="gpu"))
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -141,7 +143,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> CorpusStore:
     )
 
 
-TINY = {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2}}
+TINY = section(QuestionEncoderConfig, {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2}}, "encoder")
 
 
 def test_interrupted_encode_resumes_to_the_same_vectors(store: CorpusStore, tmp_path: Path) -> None:
@@ -189,9 +191,7 @@ def test_changed_encoder_starts_over(store: CorpusStore, tmp_path: Path) -> None
     a = encode_passages(
         build_context_encoder(TINY), store, tmp_path, batch_size=16, shard_size=20, progress=False
     )
-    other = build_context_encoder(
-        {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 2, "heads": 2, "seed": 1}}
-    )
+    other = build_context_encoder(replace(TINY, tiny=replace(TINY.tiny, seed=1)))
     b = encode_passages(other, store, tmp_path, batch_size=16, shard_size=20, progress=False)
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
@@ -219,6 +219,33 @@ def compose_index_cfg(tmp: Path, *overrides: str):
         return compose(config_name="index", overrides=[*base, *overrides])
 
 
+def index_spec(tmp: Path, *overrides: str):
+    """What rag-index builds for the composed config: the retrieval spec and the generator's tokenizer."""
+    from rag_lightning.config import ContextConfig, DataConfig
+    from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
+    from rag_lightning.pipeline import rebuild_command
+    from rag_lightning.retrieval.build import RetrievalSpec
+
+    cfg = compose_index_cfg(tmp, *overrides)
+    data = section(DataConfig, cfg.data, "data")
+    spec = RetrievalSpec(
+        data,
+        section(QuestionEncoderConfig, cfg.model.question_encoder, "model.question_encoder"),
+        section(IndexConfig, cfg.index, "index"),
+        ContextConfig(),
+        cfg.paths.cache_dir,
+        rebuild_command(cfg),
+    )
+    return spec, load_generator_tokenizer(data.generator_tokenizer)
+
+
+def built_dirs(tmp: Path, *overrides: str) -> tuple[Path, Path]:
+    from rag_lightning.retrieval.build import ensure_index
+
+    store, index_dir, _ = ensure_index(*index_spec(tmp, *overrides))
+    return Path(store.dir), Path(index_dir)
+
+
 @pytest.fixture()
 def user_data(tmp_path: Path) -> Path:
     from test_store import make_gen_tokenizer, synthetic_passages
@@ -233,47 +260,42 @@ def user_data(tmp_path: Path) -> Path:
 
 
 def test_ensure_index_builds_then_reuses_and_rebuilds_only_what_changed(user_data: Path) -> None:
-    from rag_lightning.retrieval.build import ensure_index, open_retriever
+    from rag_lightning.retrieval.build import open_retriever
 
-    cfg = compose_index_cfg(user_data)
-    store_dir, index_dir = map(Path, ensure_index(cfg))
-    assert store_dir == user_data / "cache" / "stores" / "jsonl"
+    store_dir, index_dir = built_dirs(user_data)
+    assert store_dir == user_data / "cache" / "stores" / "jsonl-tiny-ctx64"
     assert index_dir == user_data / "cache" / "indexes" / "jsonl-tiny-flat"
     store_stamp = (store_dir / "manifest.json").stat().st_mtime_ns
     index_stamp = (index_dir / INDEX_FILE).stat().st_mtime_ns
 
-    assert ensure_index(cfg) == (str(store_dir), str(index_dir))  # reused: nothing rewritten
+    assert built_dirs(user_data) == (store_dir, index_dir)  # reused: nothing rewritten
     assert (store_dir / "manifest.json").stat().st_mtime_ns == store_stamp
     assert (index_dir / INDEX_FILE).stat().st_mtime_ns == index_stamp
 
-    _, hnsw_dir = ensure_index(compose_index_cfg(user_data, "index=hnsw"))  # same vectors, linked not copied
+    _, hnsw_dir = built_dirs(user_data, "index=hnsw")  # same vectors, linked not copied
     vectors = user_data / "cache" / "vectors" / "jsonl-tiny" / "vectors.npy"
     assert (Path(hnsw_dir) / "vectors.npy").stat().st_ino == vectors.stat().st_ino
 
-    ensure_index(compose_index_cfg(user_data, "model.question_encoder.tiny.seed=1"))  # new encoder weights
+    built_dirs(user_data, "model.question_encoder.tiny.seed=1")  # new encoder weights
     assert (store_dir / "manifest.json").stat().st_mtime_ns == store_stamp
     assert (index_dir / INDEX_FILE).stat().st_mtime_ns != index_stamp
 
     with open(user_data / "corpus.jsonl", "a") as f:  # the corpus grows: store and index follow
         f.write(json.dumps({"id": "new", "title": "New", "text": "A new passage."}) + "\n")
-    retriever = open_retriever(compose_index_cfg(user_data))
-    assert len(retriever.store) == 41 and len(retriever.index) == 41
-    assert retriever.store.passage_id(40) == "new"
+    retriever = open_retriever(*index_spec(user_data))
+    assert len(retriever) == 41 and len(retriever.index) == 41
+    assert retriever.passages([40])[0].id == "new" and retriever.rows_of(["new", "nope"]) == [40, None]
     found = retriever.retrieve(torch.randn(2, 32), 3)
     assert found.rows.shape == (2, 3)
 
 
 def test_mismatched_index_message_names_the_rebuild_command(user_data: Path) -> None:
-    from rag_lightning.retrieval.build import ensure_index, rebuild_command
-
-    cfg = compose_index_cfg(user_data)
-    _, index_dir = ensure_index(cfg)
+    spec, _ = index_spec(user_data)
+    _, index_dir = built_dirs(user_data)
     with pytest.raises(
-        IndexMismatchError, match=r"encoder_fingerprint.*\n.*Rebuild it with: rag-index data=jsonl"
+        IndexMismatchError, match=r"encoder_fingerprint.*\n.*Rebuild it with: rag-index data=jsonl index=flat"
     ):
-        PassageIndex.load(
-            index_dir, expect={"encoder_fingerprint": "x"}, rebuild_command=rebuild_command(cfg)
-        )
+        PassageIndex.load(index_dir, expect={"encoder_fingerprint": "x"}, rebuild_command=spec.rebuild_command)
 
 
 def test_rerank_in_small_chunks_gives_the_same_results(
@@ -296,9 +318,9 @@ def test_concurrent_ensure_index_calls_build_once_and_agree(user_data: Path) -> 
 
     from rag_lightning.retrieval.build import ensure_index
 
-    cfg = compose_index_cfg(user_data)
+    spec, tok = index_spec(user_data)
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(ensure_index, [cfg, cfg]))
+        results = [(Path(s.dir), d) for s, d, _ in pool.map(lambda _: ensure_index(spec, tok), range(2))]
     assert results[0] == results[1]
     assert PassageIndex.load(results[0][1], expect={}).search(np.zeros((1, 32), np.float32), 3)[1].shape == (
         1,

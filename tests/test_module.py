@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rag_lightning.config import ConfigError, ModelConfig
+from rag_lightning.config import ConfigError, ModelConfig, QuestionEncoderConfig, section
 from rag_lightning.models.module import RagModule, _lr_lambda, contrastive_retrieval_loss, with_specials
 
 
@@ -55,7 +55,7 @@ class _CountingEncoder(torch.nn.Module):
 
 def _module(freeze: bool) -> RagModule:
     tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    cfg = ModelConfig(freeze_question_encoder=freeze)
+    cfg = ModelConfig(freeze_question_encoder=freeze, question_encoder_warmup_steps=0)
     return RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), cfg, generator_tokenizer=tokenizer)
 
 
@@ -95,14 +95,15 @@ def test_lr_schedules():
 def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
     vectors = torch.randn(3, 4).numpy()
 
-    class Store:
-        def row_of(self, pid):
-            if pid not in {"a": 0, "b": 1, "c": 2}:
-                raise KeyError(pid)
-            return {"a": 0, "b": 1, "c": 2}[pid]
+    class FakeRetriever:  # the retriever API the module uses: rows of ids, vectors of rows
+        def rows_of(self, ids):
+            return [{"a": 0, "b": 1, "c": 2}.get(pid) for pid in ids]
+
+        def vectors(self, rows):
+            return torch.from_numpy(vectors[list(rows)])
 
     module = _module(freeze=False)
-    module.retriever = SimpleNamespace(store=Store(), index=SimpleNamespace(vectors=vectors))
+    module.retriever = FakeRetriever()
     q = torch.randn(4, 4)
     batch = {"gold_passage_ids": [["a"], ["zz"], [], ["c"]]}
     loss = module.retrieval_loss(batch, {"question_vectors": q})
@@ -144,15 +145,16 @@ def test_gold_curriculum_applies_only_in_training_before_its_step_limit():
 def _tiny_module(**cfg) -> RagModule:
     from rag_lightning.models.encoders import build_question_encoder
 
-    encoder = build_question_encoder({"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 3, "heads": 2}})
+    encoder = build_question_encoder(section(QuestionEncoderConfig, {"kind": "tiny", "tiny": {"hidden_size": 32, "layers": 3, "heads": 2}}, "encoder"))
     tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    return RagModule(encoder, torch.nn.Linear(2, 2), ModelConfig(**cfg), generator_tokenizer=tokenizer)
+    model = ModelConfig(**{"question_encoder_warmup_steps": 0, **cfg})  # the encoder trains from step 0
+    return RagModule(encoder, torch.nn.Linear(2, 2), model, generator_tokenizer=tokenizer)
 
 
 def test_top_layer_training_caches_bottom_states_and_matches_the_encoder():
     from rag_lightning.models.encoders import load_encoder_tokenizer
 
-    tok = load_encoder_tokenizer({"kind": "tiny"})
+    tok = load_encoder_tokenizer(QuestionEncoderConfig(kind="tiny"))
 
     def batch(questions):
         enc = tok(questions, padding=True, return_tensors="pt")
@@ -204,7 +206,7 @@ def test_retrieval_stays_float32_under_mixed_precision():
     module = _tiny_module()
     module.retriever = FakeRetriever()
     module.eval()
-    enc = load_encoder_tokenizer({"kind": "tiny"})(["who wrote hamlet?"], return_tensors="pt")
+    enc = load_encoder_tokenizer(QuestionEncoderConfig(kind="tiny"))(["who wrote hamlet?"], return_tensors="pt")
     batch = {"questions": ["who wrote hamlet?"], "question_input_ids": enc["input_ids"],
              "question_attention_mask": enc["attention_mask"], "question_generator_ids": torch.tensor([[7]]),
              "question_generator_mask": torch.tensor([[1]])}

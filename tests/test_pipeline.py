@@ -31,7 +31,10 @@ def test_train_checkpoint_test_export(tmp_path):
         assert key in metrics
     assert (run / "checkpoints" / "last.ckpt").is_file()
     predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
-    assert len(predictions) == 4 and {"prediction", "passage_ids", "doc_scores"} <= set(predictions[0])
+    assert len(predictions) == 4 and {"id", "prediction", "answers", "em", "f1", "passages"} <= set(predictions[0])
+    passages = predictions[0]["passages"]  # the passages read, in rank order, with score and p(z|x)
+    assert len(passages) == 2 and {"id", "title", "text", "score", "p"} <= set(passages[0])
+    assert passages[0]["score"] >= passages[1]["score"] and sum(p["p"] for p in passages) == pytest.approx(1, abs=1e-3)
     # the export loads with plain transformers
     from transformers import BartForConditionalGeneration, DPRQuestionEncoder
 
@@ -67,7 +70,9 @@ def test_eval_reproduces_the_test_stage(tmp_path):
     for key in ("test/em", "test/f1", "test/recall@1", "test/recall@2", "test/loss"):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
     lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "passage_ids" in json.loads(lines[0])
+    assert len(lines) == 4 and len(json.loads(lines[0])["passages"]) == 2
+    test_stage = (run / "predictions_test.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [json.loads(line) for line in test_stage]  # the same records
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/em"] == pytest.approx(results["test/em"])
 
 

@@ -10,9 +10,11 @@ import torch
 from test_store import ctx_tokenizer, make_gen_tokenizer, synthetic_passages
 from transformers import PreTrainedTokenizerFast
 
-from rag_lightning.retrieval.faiss_index import PassageIndex
+from rag_lightning.config import IndexConfig
+from rag_lightning.data.pieces import piece_ids
+from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
 from rag_lightning.retrieval.retriever import Retriever
-from rag_lightning.retrieval.store import CorpusStore, piece_ids
+from rag_lightning.retrieval.store import CorpusStore
 
 QUESTIONS = ["Who is the capital of France?", "How high is Everest (in m)?", "What's 東京?"]
 
@@ -25,7 +27,7 @@ def parts(
     gen_tok = make_gen_tokenizer(tmp / "tok")
     store = CorpusStore.build(synthetic_passages(30), gen_tok, ctx_tokenizer(), tmp / "store")
     vectors = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
-    return gen_tok, store, PassageIndex.build(vectors, {"type": "flat", "num_threads": 1})
+    return gen_tok, store, PassageIndex.build(vectors, IndexConfig(type="flat", num_threads=1))
 
 
 def ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
@@ -88,9 +90,9 @@ def test_mismatched_parts_are_refused(parts, tmp_path: Path) -> None:
     gen_tok, store, index = parts
     with pytest.raises(ValueError, match="title_separator"):
         Retriever(index, store, max_context_length=64, title_separator=" | ")
-    with pytest.raises(ValueError, match="holds 5 passages"):
+    with pytest.raises(IndexStateError, match="holds 5 passages"):
         Retriever(
-            PassageIndex.build(index.vectors[:5].copy(), {"type": "flat"}), store, max_context_length=64
+            PassageIndex.build(index.vectors[:5].copy(), IndexConfig(type="flat")), store, max_context_length=64
         )
     with pytest.raises(ValueError, match="layout"):
         Retriever(index, store, max_context_length=64, layout="sideways")

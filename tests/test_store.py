@@ -10,9 +10,10 @@ import pytest
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
+from rag_lightning.data.pieces import piece_ids
 from rag_lightning.data.readers import Passage
 from rag_lightning.models.encoders import minilm_dir
-from rag_lightning.retrieval.store import CorpusStore, StoreError, piece_ids, tokenizer_fingerprint
+from rag_lightning.retrieval.store import CorpusStore, StoreError, tokenizer_fingerprint
 
 TEXTS = [
     ("Paris", "Paris is the capital of France. It has 2,102,650 inhabitants (2023)."),

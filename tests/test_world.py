@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.config import ConfigError, DataConfig, section
 from rag_lightning.data import world
 from rag_lightning.data.gen_tokenizer import load_generator_tokenizer, train_generator_tokenizer
 from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
@@ -27,10 +29,16 @@ SMALL = {
 }
 
 
-def data_config(tmp: Path, name: str = "world", *overrides: str) -> Any:
+def data_node(tmp: Path, name: str = "world", *overrides: str) -> Any:
+    """The composed `data` node, as rag-prepare composes it."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("prepare", overrides=[f"data={name}", f"paths.cache_dir={tmp}", *overrides])
     return cfg.data
+
+
+def data_config(tmp: Path, name: str = "world", *overrides: str) -> DataConfig:
+    """The typed `data` section, as rag-prepare builds it."""
+    return section(DataConfig, data_node(tmp, name, *overrides), "data")
 
 
 def load_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -191,10 +199,11 @@ def test_world_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
 
 
 def test_unknown_world_option_names_the_key(tmp_path: Path) -> None:
-    cfg = data_config(tmp_path)
-    OmegaConf.update(cfg, "world.min_city_pop", 5, force_add=True)
-    with pytest.raises(PrepareError, match=r"data.world: unknown data.world option\(s\) \['min_city_pop'\]"):
-        ensure_prepared(cfg)
+    node = data_node(tmp_path)
+    OmegaConf.set_struct(node, False)
+    OmegaConf.update(node, "world.min_city_pop", 5, force_add=True)
+    with pytest.raises(ConfigError, match=r"data\.world\.min_city_pop"):
+        section(DataConfig, node, "data")
 
 
 # ----------------------------------------------------------------------------- users' data
@@ -219,7 +228,7 @@ def _user_files(tmp: Path) -> dict[str, Path]:
 
 
 def test_user_data_missing_key_names_it(tmp_path: Path) -> None:
-    with pytest.raises(PrepareError, match=r"data.corpus_file is not set. Fix: pass data.corpus_file="):
+    with pytest.raises(ConfigError, match=r"data.corpus_file is not set. Fix: pass data.corpus_file="):
         ensure_prepared(data_config(tmp_path, "jsonl"))
     with pytest.raises(PrepareError, match=r"data.train_file=.*nope.jsonl: file not found"):
         ensure_prepared(
@@ -309,9 +318,8 @@ def test_train_phrasings_asks_each_train_fact_every_training_way(tmp_path: Path)
     held = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
     assert not [q for q in train if held[q["relation"]].match(q["question"])]
     for bad in (0, 3):
-        OmegaConf.update(cfg, "world.train_phrasings", bad)
         with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 2"):
-            ensure_prepared(cfg)
+            ensure_prepared(replace(cfg, world=replace(cfg.world, train_phrasings=bad)))
 
 
 def test_train_phrasings_leaves_val_and_test_unchanged(tmp_path: Path) -> None:

@@ -13,8 +13,7 @@ COLUMNS = ["step", "question", "prediction", "answers", "em", "top passages (p(z
 
 
 def _passages_cell(record: dict, top: int = 3) -> str:
-    pairs = zip(record.get("passage_titles", []), record.get("passage_ids", []), record.get("doc_probs", []))
-    return "\n".join(f"{p:.3f} {pid} ({title})" for title, pid, p in list(pairs)[:top])
+    return "\n".join(f"{p['p']:.3f} {p['id']} ({p['title']})" for p in record.get("passages", [])[:top])
 
 
 class PredictionTable(L.Callback):

@@ -46,7 +46,7 @@ def encode_examples(
     max_answer_length: int,
 ) -> list[EncodedQA]:
     """Tokenise questions for both models and the first answer as the target, in one batched call each."""
-    # every generator-side piece starts with one space (see retrieval.store.piece_ids), so the question
+    # every generator-side piece starts with one space (see data/pieces.py), so the question
     # ids placed in a context and the answer ids copied from a passage tokenise as they do inside text
     questions = [" " + ex.question.strip() for ex in examples]
     q_enc = question_tokenizer([ex.question for ex in examples], truncation=True, max_length=max_question_length)["input_ids"]
@@ -65,12 +65,14 @@ def encode_examples(
 
 
 class Collator:
-    """Pads a list of EncodedQA into the tensors a RAG step needs; strings ride along for metrics."""
+    """Pads a list of EncodedQA into the tensors a RAG step needs; strings ride along for metrics, and
+    ``split`` names the split the batch comes from (the prefix of its metrics)."""
 
-    def __init__(self, question_pad_id: int, generator_pad_id: int, decoder_start_id: int) -> None:
+    def __init__(self, question_pad_id: int, generator_pad_id: int, decoder_start_id: int, split: str = "") -> None:
         self.question_pad_id = question_pad_id
         self.generator_pad_id = generator_pad_id
         self.decoder_start_id = decoder_start_id
+        self.split = split
 
     def __call__(self, items: Sequence[EncodedQA]) -> dict:
         q_ids, q_mask = pad_right([it.question_encoder_ids for it in items], self.question_pad_id)
@@ -90,18 +92,22 @@ class Collator:
             "questions": [it.example.question for it in items],
             "answers": [list(it.example.answers) for it in items],
             "gold_passage_ids": [list(it.example.gold_passage_ids) for it in items],
+            "split": self.split,
         }
 
 
 class RagDataModule(L.LightningDataModule):
-    """QA sets for fit/validate/test/predict; the per-device batch is the global batch / world size."""
+    """QA sets for fit, and loaders of any named split, QA file or list of questions for test and predict.
+
+    Stage state is passed explicitly: ``trainer.fit(module, datamodule=dm)``, then
+    ``trainer.test(module, dataloaders=dm.test_loader("test_seen"))`` or ``dm.predict_loader(questions)``.
+    The per-device training batch is the global batch / world size.
+    """
 
     def __init__(
         self,
         *,
-        train_file: str | None,
-        val_file: str | None,
-        test_files: dict[str, str],
+        files: dict[str, str | None],
         question_tokenizer: PreTrainedTokenizerBase,
         generator_tokenizer: PreTrainedTokenizerBase,
         global_batch_size: int = 32,
@@ -112,7 +118,7 @@ class RagDataModule(L.LightningDataModule):
         skip_bad_rows: bool = False,
     ) -> None:
         super().__init__()
-        self.files = {"train": train_file, "val": val_file, **test_files}
+        self.files = dict(files)  # split name -> QA file: train, val, test, test_seen, ...
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.global_batch_size = global_batch_size
@@ -121,25 +127,18 @@ class RagDataModule(L.LightningDataModule):
         self.max_question_length = max_question_length
         self.max_answer_length = max_answer_length
         self.skip_bad_rows = skip_bad_rows
-        self.test_split = "test"
-        self.predict_examples: list[QAExample] | None = None
-        self._datasets: dict[str, QADataset] = {}
-        self.collate = Collator(
-            question_tokenizer.pad_token_id,
-            generator_tokenizer.pad_token_id,
-            generator_tokenizer.eos_token_id,  # BART starts decoding from </s>
-        )
+        self._datasets: dict[tuple[str, str], QADataset] = {}
 
-    def dataset(self, split: str) -> QADataset:
-        """The encoded split, read and tokenised on first use."""
-        if split not in self._datasets:
-            path = self.files.get(split)
-            if not path:
-                raise ConfigError(f"no QA file is configured for split {split!r} (data.{split}_file)")
-            if not Path(path).is_file():
-                raise ConfigError(f"QA file for split {split!r} not found: {path}")
-            self._datasets[split] = self._encode(read_qa(path, skip_bad_rows=self.skip_bad_rows))
-        return self._datasets[split]
+    def dataset(self, split: str, path: str | None = None) -> QADataset:
+        """The encoded split (from ``path`` when given, else the split's configured file), read once."""
+        path = path or self.files.get(split)
+        if not path:
+            raise ConfigError(f"no QA file is configured for split {split!r} (data.{split}_file)")
+        if not Path(path).is_file():
+            raise ConfigError(f"QA file for split {split!r} not found: {path}")
+        if (split, path) not in self._datasets:
+            self._datasets[split, path] = self._encode(read_qa(path, skip_bad_rows=self.skip_bad_rows))
+        return self._datasets[split, path]
 
     def _encode(self, examples: Sequence[QAExample]) -> QADataset:
         return QADataset(
@@ -153,34 +152,40 @@ class RagDataModule(L.LightningDataModule):
         )
 
     def per_device_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.global_batch_size % world:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.global_batch_size % world_size:
             raise ConfigError(
                 f"loader.global_batch_size={self.global_batch_size} is not divisible by the world size "
-                f"({world} processes); choose a multiple of {world}"
+                f"({world_size} processes); choose a multiple of {world_size}"
             )
-        return self.global_batch_size // world
+        return self.global_batch_size // world_size
 
-    def _loader(self, dataset: QADataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: QADataset, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=self.collate,
+            collate_fn=Collator(
+                self.question_tokenizer.pad_token_id,
+                self.generator_tokenizer.pad_token_id,
+                self.generator_tokenizer.eos_token_id,  # BART starts decoding from </s>
+                split,
+            ),
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), self.per_device_batch_size(), shuffle=True)
+        return self._loader(self.dataset("train"), "train", self.per_device_batch_size(), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.dataset("val"), "val", self.eval_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset(self.test_split), self.eval_batch_size, shuffle=False)
+    def test_loader(self, split: str, path: str | None = None) -> DataLoader:
+        """The named split (its configured file, or ``path``), in order; its metrics are named after it."""
+        return self._loader(self.dataset(split, path), split, self.eval_batch_size, shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_examples is None:
-            raise ValueError("set predict_examples before predicting")
-        return self._loader(self._encode(self.predict_examples), self.eval_batch_size, shuffle=False)
+    def predict_loader(self, questions: Sequence[str]) -> DataLoader:
+        """Questions without answers, for rag-predict."""
+        examples = [QAExample(f"q{i}", q, [], []) for i, q in enumerate(questions)]
+        return self._loader(self._encode(examples), "predict", self.eval_batch_size, shuffle=False)

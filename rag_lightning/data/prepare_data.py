@@ -20,64 +20,44 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from rag_lightning.data import world
-from rag_lightning.data.gen_tokenizer import DEFAULT_VOCAB_SIZE, train_generator_tokenizer
+from rag_lightning.config import DataConfig, WorldOptions
+from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
 from rag_lightning.data.readers import ReadReport, iter_corpus, iter_qa
+from rag_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# what the world builder writes into data.dir (the builder itself, and the packages it reads facts from,
+# are imported only when the world set is built: users' data needs none of them)
 WORLD_FILE_KEYS = {
-    "corpus_file": world.CORPUS_FILE,
+    "corpus_file": "corpus.jsonl",
     "train_file": "train.jsonl",
     "val_file": "val.jsonl",
     "test_file": "test.jsonl",
+    "generator_tokenizer": "generator_tokenizer",
 }
+WORLD_MANIFEST = "manifest.json"
 USER_FILE_KEYS = ("corpus_file", "train_file", "val_file", "test_file")
 WORLD_BUILDER = "rag_lightning.data.world"  # the manifest's "builder": whose directory this is
 TRAINED_FROM = "trained_from.json"  # beside a tokenizer we trained for users' data: what it was trained on
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """The data config cannot be satisfied; the message names the config key and what to do."""
 
 
-def _get(cfg: Any, key: str, *, required: bool = True) -> Any:
-    """Read ``data.<key>``; a ``???`` value becomes an error that says how to set it."""
-    missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
-    value = None if missing else cfg.get(key)
-    if missing or value == "???":
-        raise PrepareError(
-            f"data.{key} is not set. Fix: pass data.{key}=/path/to/file on the command line "
-            "(val_file, test_file and generator_tokenizer may also be set to null to go without)"
-        )
-    if required and value is None:
-        raise PrepareError(f"data.{key} is null but required. Fix: pass data.{key}=...")
-    return value
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    return dict(node)
-
-
-def ensure_prepared(data_cfg: Any, *, validate: bool = False) -> dict[str, Any]:
-    """Build or check the data named by ``data_cfg`` (the ``data`` config node); returns its manifest.
+def ensure_prepared(data: DataConfig, *, validate: bool = False) -> dict[str, Any]:
+    """Build or check the data named by the `data` section; returns its manifest.
 
     ``validate`` also reads users' files through the readers (honouring ``data.skip_bad_rows``) and
     adds their row counts; ``rag-prepare`` does this, training runs skip it for speed.
     """
-    build = _get(data_cfg, "build", required=False)
-    if build == "world":
-        return _ensure_world(data_cfg)
-    if build is None:
-        return _ensure_user_data(data_cfg, validate)
+    if data.build == "world":
+        return _ensure_world(data)
+    if data.build is None:
+        return _ensure_user_data(data, validate)
     raise PrepareError(
-        f"data.build={build!r} is unknown. Fix: use data.build=world, or null for your own files"
+        f"data.build={data.build!r} is unknown. Fix: use data.build=world, or null for your own files"
     )
 
 
@@ -85,7 +65,7 @@ def ensure_prepared(data_cfg: Any, *, validate: bool = False) -> dict[str, Any]:
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / world.MANIFEST_FILE
+    path = out_dir / WORLD_MANIFEST
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -98,12 +78,23 @@ def _is_current(manifest: dict[str, Any] | None, key: str, out_dir: Path) -> boo
     return all((out_dir / name).is_file() for name in manifest.get("files", {}))
 
 
-def _ensure_world(cfg: Any) -> dict[str, Any]:
-    out_dir = Path(_get(cfg, "dir"))
-    try:
-        options = world.WorldOptions.from_mapping(_plain(_get(cfg, "world", required=False)))
-    except (TypeError, ValueError) as err:
-        raise PrepareError(f"data.world: {err}") from None
+def _check_world_options(options: WorldOptions) -> None:
+    from rag_lightning.data.world_templates import QUESTIONS
+
+    most = min(len(p) for p in QUESTIONS.values()) - 1  # the last phrasing is test_seen's
+    if not 1 <= options.train_phrasings <= most:
+        raise PrepareError(
+            f"data.world.train_phrasings={options.train_phrasings} must be between 1 and {most} "
+            "(the training phrasings each relation has)"
+        )
+
+
+def _ensure_world(cfg: DataConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.dir)
+    options = cfg.world
+    _check_world_options(options)
+    from rag_lightning.data import world
+
     key = world.build_key(options)
     manifest = read_manifest(out_dir)
     status = "reused"
@@ -116,7 +107,7 @@ def _ensure_world(cfg: Any) -> dict[str, Any]:
     return {**manifest, "dir": str(out_dir.resolve()), "status": status}
 
 
-def _build_world_atomically(out_dir: Path, options: world.WorldOptions) -> dict[str, Any]:
+def _build_world_atomically(out_dir: Path, options: WorldOptions) -> dict[str, Any]:
     previous = read_manifest(out_dir) or {}
     if out_dir.exists() and any(out_dir.iterdir()) and previous.get("builder") != WORLD_BUILDER:
         # never delete a directory the builder did not write
@@ -124,6 +115,8 @@ def _build_world_atomically(out_dir: Path, options: world.WorldOptions) -> dict[
             f"data.dir={out_dir} is not empty and holds no world manifest. "
             "Fix: point data.dir at a new or empty directory"
         )
+    from rag_lightning.data import world
+
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -138,11 +131,10 @@ def _build_world_atomically(out_dir: Path, options: world.WorldOptions) -> dict[
     return manifest
 
 
-def _check_world_paths(cfg: Any, out_dir: Path) -> None:
+def _check_world_paths(cfg: DataConfig, out_dir: Path) -> None:
     """The trainer reads data.*_file; they must name what the builder wrote."""
-    expected = {**WORLD_FILE_KEYS, "generator_tokenizer": world.TOKENIZER_DIR}
-    for key, name in expected.items():
-        value = _get(cfg, key, required=False)
+    for key, name in WORLD_FILE_KEYS.items():
+        value = getattr(cfg, key)
         if value is not None and not Path(value).exists():
             raise PrepareError(
                 f"data.{key}={value} does not exist after building the world set into data.dir={out_dir}. "
@@ -153,14 +145,15 @@ def _check_world_paths(cfg: Any, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- users' data
 
 
-def _user_files(cfg: Any) -> dict[str, Path]:
+def _user_files(cfg: DataConfig) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for key in USER_FILE_KEYS:
-        value = _get(cfg, key, required=key in ("corpus_file", "train_file"))
+        value = getattr(cfg, key)
+        if value is None and key in ("corpus_file", "train_file"):
+            raise PrepareError(f"data.{key} is null but required. Fix: pass data.{key}=...")
         if value is not None:
             files[key] = Path(value)
-    extra = _plain(_get(cfg, "extra_test_files", required=False))
-    for name, value in extra.items():
+    for name, value in cfg.extra_test_files.items():
         if value is not None:
             files[f"extra_test_files.{name}"] = Path(value)
     for key, path in files.items():
@@ -171,9 +164,9 @@ def _user_files(cfg: Any) -> dict[str, Path]:
     return files
 
 
-def _ensure_user_data(cfg: Any, validate: bool) -> dict[str, Any]:
+def _ensure_user_data(cfg: DataConfig, validate: bool) -> dict[str, Any]:
     files = _user_files(cfg)
-    skip = bool(_get(cfg, "skip_bad_rows", required=False))
+    skip = cfg.skip_bad_rows
     manifest: dict[str, Any] = {
         "builder": None,
         "files": {key: str(path) for key, path in files.items()},
@@ -200,17 +193,16 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _ensure_user_tokenizer(cfg: Any, files: dict[str, Path], skip_bad_rows: bool) -> str | None:
-    value = _get(cfg, "generator_tokenizer", required=False)
-    if value is None:
+def _ensure_user_tokenizer(cfg: DataConfig, files: dict[str, Path], skip_bad_rows: bool) -> str | None:
+    if cfg.generator_tokenizer is None:
         return None  # the generator brings its own tokenizer (a pretrained BART)
-    tok_dir = Path(value)
-    opts = _plain(_get(cfg, "tokenizer", required=False))
+    tok_dir = Path(cfg.generator_tokenizer)
+    opts = cfg.tokenizer
     wanted = {
         "corpus": _fingerprint(files["corpus_file"]),
         "train": _fingerprint(files["train_file"]),
-        "vocab_size": int(opts.get("vocab_size", DEFAULT_VOCAB_SIZE)),
-        "max_passages": opts.get("max_passages"),
+        "vocab_size": opts.vocab_size,
+        "max_passages": opts.max_passages,
     }
     trained_from = tok_dir / TRAINED_FROM
     if (tok_dir / "tokenizer.json").is_file():
@@ -221,7 +213,7 @@ def _ensure_user_tokenizer(cfg: Any, files: dict[str, Path], skip_bad_rows: bool
         log.info(
             "retraining the generator tokenizer in %s: its corpus, train file or options changed", tok_dir
         )
-    elif not opts.get("train_if_missing", False):
+    elif not opts.train_if_missing:
         raise PrepareError(
             f"data.generator_tokenizer={tok_dir} has no tokenizer.json. Fix: point it at a tokenizer directory, "
             "set data.tokenizer.train_if_missing=true to train one from the corpus, or set it to null to use "

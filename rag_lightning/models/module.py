@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
 from rag_lightning import metrics
 from rag_lightning.config import ConfigError, Mode, ModelConfig
+from rag_lightning.files import write_text_atomic
 from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
@@ -71,9 +71,8 @@ class RagModule(L.LightningModule):
         self.retriever = retriever
         self.predictions_dir = predictions_dir
         self.sample_table_size = sample_table_size
-        self.eval_split = "val"
         self.val_samples: list[dict] = []
-        self._predictions: list[dict] = []
+        self._predictions: dict[str, list[dict]] = {}  # per test split, written at the end of the test
         self._frozen_vectors: dict[str, torch.Tensor] = {}
         self._bottom_states: dict[str, torch.Tensor] = {}  # per question, when only top layers train
         if config.question_encoder_trainable_layers is not None:
@@ -142,7 +141,10 @@ class RagModule(L.LightningModule):
     def retrieve(self, batch: dict, n_docs: int) -> dict:
         """Top-k passages, their scores (differentiable w.r.t. the question encoder) and the contexts."""
         if self.retriever is None:
-            raise RuntimeError("RagModule has no retriever attached; build it with rag_lightning.factory")
+            raise RuntimeError(
+                f"RagModule in mode {self.mode.value} needs a retriever; build the module with "
+                "rag_lightning.pipeline.build_module, which attaches one"
+            )
         # retrieval stays float32 under mixed precision: the index was built from float32 vectors
         with torch.autocast(batch["question_input_ids"].device.type, enabled=False):
             q = self.encode_questions(batch)
@@ -209,20 +211,14 @@ class RagModule(L.LightningModule):
 
     def retrieval_loss(self, batch: dict, ret: dict) -> torch.Tensor | None:
         """The optional multi-task term: the retriever's contrastive loss where gold passages are known."""
-        keep, gold_rows = [], []
-        for i, gold in enumerate(batch["gold_passage_ids"]):
-            try:
-                gold_rows.append(self.retriever.store.row_of(gold[0]) if gold else None)
-            except KeyError:  # a gold id outside this corpus: the example has no positive here
-                gold_rows.append(None)
-            if gold_rows[-1] is not None:
-                keep.append(i)
-        gold_rows = [r for r in gold_rows if r is not None]
+        # a gold id outside this corpus: the example has no positive here
+        firsts = self.retriever.rows_of([gold[0] if gold else "" for gold in batch["gold_passage_ids"]])
+        keep = [i for i, (gold, row) in enumerate(zip(batch["gold_passage_ids"], firsts)) if gold and row is not None]
+        gold_rows = [firsts[i] for i in keep]
         if len(keep) < 2:
             return None
         q = ret["question_vectors"][keep]
-        gold_vectors = torch.from_numpy(np.asarray(self.retriever.index.vectors[gold_rows], dtype=np.float32))
-        gold_vectors = gold_vectors.to(q.device, q.dtype)
+        gold_vectors = self.retriever.vectors(gold_rows).to(q.device, q.dtype)
         return contrastive_retrieval_loss(q, gold_vectors, torch.tensor(gold_rows, device=q.device))
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -272,101 +268,85 @@ class RagModule(L.LightningModule):
             mode=dec.sequence_mode.value if hasattr(dec.sequence_mode, "value") else dec.sequence_mode,
         )
 
-    def _evaluate(self, batch: dict, prefix: str, *, keep_predictions: bool) -> None:
-        n_docs = self.cfg.eval_n_docs or self.cfg.n_docs
+    def _evaluate(self, batch: dict, prefix: str) -> list[dict]:
+        """Loss, answers and metrics of a batch with gold answers, logged under ``prefix``; its records."""
+        n_docs = self.cfg.eval_docs
         batch_size = batch["labels"].shape[0]
         nll, ret = self.nll(batch, n_docs, "mean")
         self.log(f"{prefix}/loss", nll, batch_size=batch_size, sync_dist=True)
-        generated = self.generate(batch, ret)
-        preds = [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        preds = self.answer(batch, ret)
         em = torch.tensor([metrics.exact_match(p, a) for p, a in zip(preds, batch["answers"])])
         f1 = torch.tensor([metrics.f1_score(p, a) for p, a in zip(preds, batch["answers"])])
         self.log(f"{prefix}/em", em.mean(), batch_size=batch_size, sync_dist=True, prog_bar=True)
         self.log(f"{prefix}/f1", f1.mean(), batch_size=batch_size, sync_dist=True)
-        probs = None
+        records = self.records(batch, preds, ret)
         if ret is not None:
-            store = self.retriever.store
-            rows = ret["rows"].tolist()
-            texts = [[store.text(r) for r in row] for row in rows]
+            texts = [[p["text"] for p in r["passages"]] for r in records]
             hits = metrics.retrieval_hits(ret["passage_ids"], texts, batch["gold_passage_ids"], batch["answers"])
             for k in sorted({1, n_docs}):
                 self.log(f"{prefix}/recall@{k}", metrics.recall_at_k(hits, k).mean(), batch_size=batch_size, sync_dist=True)
             self.log(f"{prefix}/mrr", metrics.reciprocal_rank(hits).mean(), batch_size=batch_size, sync_dist=True)
             self.log(f"{prefix}/doc_entropy", metrics.doc_entropy(ret["doc_scores"]).mean(), batch_size=batch_size, sync_dist=True)
             self.log(f"{prefix}/distinct_passages", metrics.distinct_share(ret["rows"]), batch_size=batch_size, sync_dist=True)
-            probs = torch.softmax(ret["doc_scores"].float(), dim=-1).tolist()
-        records = []
+        for record, answers, e, f in zip(records, batch["answers"], em.tolist(), f1.tolist()):
+            record.update(answers=answers, em=e, f1=f)
+        return records
+
+    def answer(self, batch: dict, ret: dict | None) -> list[str]:
+        """Decoded answers of a batch, with the mode's decoder."""
+        generated = self.generate(batch, ret)
+        return [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def records(self, batch: dict, preds: list[str], ret: dict | None) -> list[dict]:
+        """One record per question (test predictions and rag-predict alike): the answer and the passages read,
+        each with its score and p(z|x)."""
+        out = []
         for i, pred in enumerate(preds):
-            record = {
-                "id": batch["ids"][i],
-                "question": batch["questions"][i],
-                "prediction": pred,
-                "answers": batch["answers"][i],
-                "em": em[i].item(),
-                "f1": f1[i].item(),
-            }
+            record: dict = {"id": batch["ids"][i], "question": batch["questions"][i], "prediction": pred}
             if ret is not None:
-                record["passage_ids"] = ret["passage_ids"][i]
-                record["doc_scores"] = [round(s, 5) for s in ret["doc_scores"][i].float().tolist()]
-                record["doc_probs"] = [round(p, 5) for p in probs[i]]
-                record["passage_titles"] = [self.retriever.store.title(r) for r in ret["rows"][i].tolist()]
-            records.append(record)
-        if keep_predictions:
-            self._predictions.extend(records)
-        elif len(self.val_samples) < self.sample_table_size:
-            self.val_samples.extend(records[: self.sample_table_size - len(self.val_samples)])
+                scores = ret["doc_scores"][i].float()
+                probs = torch.softmax(scores, dim=-1).tolist()
+                record["passages"] = [
+                    {"id": p.id, "title": p.title, "text": p.text, "score": round(s, 5), "p": round(q, 5)}
+                    for p, s, q in zip(self.retriever.passages(ret["rows"][i].tolist()), scores.tolist(), probs)
+                ]
+            out.append(record)
+        return out
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", keep_predictions=False)
+        records = self._evaluate(batch, "val")
+        if len(self.val_samples) < self.sample_table_size:
+            self.val_samples.extend(records[: self.sample_table_size - len(self.val_samples)])
 
     @torch.no_grad()
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.eval_split, keep_predictions=True)
+        """Metrics under the batch's split name (``test``, ``test_seen``, ...: the data module names it)."""
+        split = batch["split"]
+        self._predictions.setdefault(split, []).extend(self._evaluate(batch, split))
 
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
 
     def on_test_epoch_start(self) -> None:
-        self._predictions = []
+        self._predictions = {}
 
     def on_test_epoch_end(self) -> None:
         if self.predictions_dir is None:
             return
-        records = self._predictions
-        if self.trainer.world_size > 1:
-            gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        if self.trainer.is_global_zero:
-            path = Path(self.predictions_dir) / f"predictions_{self.eval_split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for split, records in sorted(self._predictions.items()):
+            if self.trainer.world_size > 1:
+                gathered: list[list[dict]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+                torch.distributed.all_gather_object(gathered, records)
+                records = [r for part in gathered for r in part]
+            if self.trainer.is_global_zero:
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                write_text_atomic(Path(self.predictions_dir) / f"predictions_{split}.jsonl", text)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        n_docs = self.cfg.eval_n_docs or self.cfg.n_docs
-        ret = None if self.mode == Mode.closed_book else self.retrieve(batch, n_docs)
-        generated = self.generate(batch, ret)
-        preds = [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
-        out = []
-        for i, pred in enumerate(preds):
-            record: dict = {"question": batch["questions"][i], "answer": pred}
-            if ret is not None:
-                probs = torch.softmax(ret["doc_scores"][i].float(), dim=-1).tolist()
-                record["passages"] = [
-                    {
-                        "id": pid,
-                        "title": self.retriever.store.title(row),
-                        "text": self.retriever.store.text(row),
-                        "p": round(p, 4),
-                    }
-                    for pid, row, p in zip(ret["passage_ids"][i], ret["rows"][i].tolist(), probs)
-                ]
-            out.append(record)
-        return out
+        ret = self.retrieve(batch, self.cfg.eval_docs) if self.mode != Mode.closed_book else None
+        return self.records(batch, self.answer(batch, ret), ret)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -1,73 +1,66 @@
-"""Make sure the corpus store and the FAISS index for a composed config exist and fit it; build what does not.
+"""Make sure the corpus store and the FAISS index of a run exist and fit it; build what does not.
 
-Used by ``rag-index`` and by every stage that retrieves (``open_retriever``). Each piece is reused only when
-its manifest matches what the config asks for now:
+Used by ``rag-index`` and by every stage that retrieves (:func:`open_retriever`). Each piece is reused only
+when its manifest matches what the sections ask for now:
 
 - store (``index.store_dir``): corpus hash, both tokenizers, ``ctx_max_length``, ``gen_max_passage_tokens``,
   ``title_separator``. The corpus file is hashed only when its size or mtime changed since the build.
 - vectors (``index.vectors_dir``): context-encoder weights fingerprint and corpus hash (resumable encoding).
 - index (``index.dir``): the above plus index type and build parameters. Search-time parameters (``nprobe``,
   ``ef_search``, ``rerank``) never force a rebuild.
+
+The data itself must be prepared first (``rag-prepare``'s work, ``data.prepare_data.ensure_prepared``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rag_lightning.config import ContextConfig, DataConfig, IndexConfig, QuestionEncoderConfig
+from rag_lightning.files import sha256_file
 from rag_lightning.models.encoders import (
     build_context_encoder,
     encoder_fingerprint,
     encoder_name,
     load_encoder_tokenizer,
 )
+from rag_lightning.retrieval.distributed import DistributedSearch, LazyPassageIndex
 from rag_lightning.retrieval.encode import encode_passages
-from rag_lightning.retrieval.faiss_index import BUILD_DEFAULTS, IndexStateError, PassageIndex
+from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
 from rag_lightning.retrieval.retriever import Retriever
-from rag_lightning.retrieval.store import (
-    CorpusStore,
-    manifest_differences,
-    sha256_file,
-    tokenizer_fingerprint,
-)
+from rag_lightning.retrieval.store import CorpusStore, manifest_differences, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-def _opt(node: Any, key: str, default: Any) -> Any:
-    value = node.get(key, default) if node is not None else default
-    return default if value is None else value
+@dataclass
+class RetrievalSpec:
+    """What retrieval needs from a run's config: its typed sections and two plain facts of the run."""
+
+    data: DataConfig
+    encoder: QuestionEncoderConfig
+    index: IndexConfig
+    context: ContextConfig
+    cache_dir: str  # where the build lock lives (shared by sweep jobs and DDP ranks)
+    rebuild_command: str = "rag-index"  # what an error message tells the user to run
 
 
-def rebuild_command(cfg: Any) -> str:
-    """The command that rebuilds what this config needs: the current Hydra overrides when there are any."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except (ImportError, ValueError):
-        overrides = [
-            f"data={cfg.data.name}",
-            f"model/question_encoder={cfg.model.question_encoder.kind}",
-            f"index={cfg.index.type}",
-        ]
-    return " ".join(["rag-index", *overrides])
-
-
-def corpus_path(data_cfg: Any) -> Path:
+def corpus_path(data: DataConfig) -> Path:
     """``data.corpus_file`` as given, else relative to ``data.dir``."""
-    path = Path(str(data_cfg.corpus_file))
-    if not path.is_absolute() and not path.exists() and data_cfg.get("dir"):
-        path = Path(str(data_cfg.dir)) / path
+    path = Path(data.corpus_file)
+    if not path.is_absolute() and not path.exists() and data.dir:
+        path = Path(data.dir) / path
     if not path.is_file():
         raise FileNotFoundError(
-            f"corpus file {path} (data.corpus_file) does not exist: run `rag-prepare data={data_cfg.name}` "
+            f"corpus file {path} (data.corpus_file) does not exist: run `rag-prepare data={data.name}` "
             "or point data.corpus_file at a JSONL/TSV corpus"
         )
     return path
@@ -86,39 +79,17 @@ def _corpus_hash(path: Path, store_dir: Path) -> str:
     return sha256_file(path)
 
 
-def generator_tokenizer(cfg: Any) -> Any:
-    """The tokenizer the generator will read contexts with: ``model.generator``'s when the config has one,
-    else ``data.generator_tokenizer`` (rag-index composes no generator)."""
-    generator_cfg = cfg.get("model", {}).get("generator")
-    if generator_cfg is not None:
-        from rag_lightning.models.generator import load_generator_tokenizer_for
-
-        return load_generator_tokenizer_for(generator_cfg)
-    from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
-
-    return load_generator_tokenizer(cfg.data.generator_tokenizer)
-
-
-def prepare_data(cfg: Any) -> None:
-    """Build the data set when it is ours to build (``rag-prepare``'s work), before reading the corpus."""
-    try:
-        from rag_lightning.data.prepare_data import ensure_prepared
-    except ImportError:  # the data stage is optional: a user's corpus needs no preparation
-        return
-    ensure_prepared(cfg.data)
-
-
-def ensure_store(cfg: Any, gen_tokenizer: Any, ctx_tokenizer: Any) -> CorpusStore:
-    """The corpus store for ``cfg``, rebuilt from the corpus file when missing or built for other inputs."""
-    store_dir = Path(str(cfg.index.store_dir))
-    path = corpus_path(cfg.data)
+def ensure_store(spec: RetrievalSpec, gen_tokenizer: Any, ctx_tokenizer: Any) -> CorpusStore:
+    """The corpus store of ``spec``, rebuilt from the corpus file when missing or built for other inputs."""
+    store_dir = Path(spec.index.store_dir)
+    path = corpus_path(spec.data)
     expect = {
         "corpus_hash": _corpus_hash(path, store_dir),
         "gen_tokenizer": tokenizer_fingerprint(gen_tokenizer),
         "ctx_tokenizer": tokenizer_fingerprint(ctx_tokenizer),
-        "ctx_max_length": int(cfg.model.question_encoder.ctx_max_length),
-        "gen_max_passage_tokens": int(_opt(cfg.index, "gen_max_passage_tokens", 256)),
-        "title_separator": str(_opt(cfg.index, "title_separator", " / ")),
+        "ctx_max_length": spec.encoder.ctx_max_length,
+        "gen_max_passage_tokens": spec.index.gen_max_passage_tokens,
+        "title_separator": spec.index.title_separator,
     }
     manifest = CorpusStore.read_manifest(store_dir)
     if manifest is not None:
@@ -130,7 +101,7 @@ def ensure_store(cfg: Any, gen_tokenizer: Any, ctx_tokenizer: Any) -> CorpusStor
     from rag_lightning.data.readers import read_corpus
 
     start = time.time()
-    passages = read_corpus(path, skip_bad_rows=bool(cfg.data.get("skip_bad_rows", False)))
+    passages = read_corpus(path, skip_bad_rows=spec.data.skip_bad_rows)
     store = CorpusStore.build(
         passages,
         gen_tokenizer,
@@ -146,37 +117,31 @@ def ensure_store(cfg: Any, gen_tokenizer: Any, ctx_tokenizer: Any) -> CorpusStor
     return store
 
 
-def index_expectation(cfg: Any, store: CorpusStore, ctx_encoder: torch.nn.Module) -> dict[str, Any]:
-    """What an index must have been built from to serve this config (compared with its manifest)."""
-    index_type = str(cfg.index.type)
-    if index_type not in BUILD_DEFAULTS:
-        raise ValueError(f"index.type={index_type!r} is not one of {', '.join(BUILD_DEFAULTS)}")
+def index_expectation(spec: RetrievalSpec, store: CorpusStore, ctx_encoder: torch.nn.Module) -> dict[str, Any]:
+    """What an index must have been built from to serve ``spec`` (compared with its manifest)."""
     return {
-        "encoder_name": encoder_name(cfg.model.question_encoder, "context"),
+        "encoder_name": encoder_name(spec.encoder, "context"),
         "encoder_fingerprint": encoder_fingerprint(ctx_encoder),
         "ctx_tokenizer": store.manifest["ctx_tokenizer"],
         "ctx_max_length": store.manifest["ctx_max_length"],
         "corpus_hash": store.corpus_hash,
         "passages": len(store),
-        "index_type": index_type,
-        "build_params": {
-            key: int(_opt(cfg.index, key, default)) for key, default in BUILD_DEFAULTS[index_type].items()
-        },
+        "index_type": spec.index.type,
+        "build_params": spec.index.build_params(),
     }
 
 
-def _encode_device(cfg: Any) -> str:
-    device = str(_opt(cfg.index, "encode_device", "auto"))
-    if device == "auto":
+def _encode_device(index: IndexConfig) -> str:
+    if index.encode_device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return index.encode_device
 
 
 @contextmanager
-def build_lock(cfg: Any) -> Iterator[None]:
+def build_lock(cache_dir: str | Path) -> Iterator[None]:
     """One check-or-build at a time per cache directory: parallel sweep jobs and DDP ranks share the store,
     the vectors and the index, and must not write them at the same time (the others then reuse them)."""
-    path = Path(str(cfg.paths.cache_dir)) / ".retrieval.lock"
+    path = Path(cache_dir) / ".retrieval.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -191,86 +156,66 @@ def build_lock(cfg: Any) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _ensure(cfg: Any) -> tuple[CorpusStore, Path, dict[str, Any], Any]:
-    prepare_data(cfg)
-    with build_lock(cfg):
-        return _ensure_locked(cfg)
+def ensure_index(spec: RetrievalSpec, gen_tokenizer: Any) -> tuple[CorpusStore, Path, dict[str, Any]]:
+    """(store, index directory, the index's expected manifest), building the store and the index when needed.
+
+    ``gen_tokenizer`` is the tokenizer the generator reads contexts with: the store is tokenised with it.
+    """
+    with build_lock(spec.cache_dir):
+        store = ensure_store(spec, gen_tokenizer, load_encoder_tokenizer(spec.encoder, "context"))
+        ctx_encoder = build_context_encoder(spec.encoder)
+        expect = index_expectation(spec, store, ctx_encoder)
+        index_dir = Path(spec.index.dir)
+        try:
+            PassageIndex.check(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
+            log.info("FAISS index %s is up to date", index_dir)
+            return store, index_dir, expect
+        except IndexStateError as why:
+            log.info("building the FAISS index: %s", str(why).splitlines()[0])
+        start = time.time()
+        vectors = encode_passages(
+            ctx_encoder,
+            store,
+            spec.index.vectors_dir,
+            batch_size=spec.index.batch_size,
+            shard_size=spec.index.shard_size,
+            device=_encode_device(spec.index),
+            progress=spec.index.progress,
+        )
+        encoded = time.time()
+        index = PassageIndex.build(vectors, spec.index)
+        index.save(index_dir, expect)
+        log.info(
+            "FAISS %s index of %d passages in %s (encode %.1fs, index %.1fs)",
+            expect["index_type"],
+            len(store),
+            index_dir,
+            encoded - start,
+            time.time() - encoded,
+        )
+        return store, index_dir, expect
 
 
-def _ensure_locked(cfg: Any) -> tuple[CorpusStore, Path, dict[str, Any], Any]:
-    qe_cfg = cfg.model.question_encoder
-    gen_tokenizer = generator_tokenizer(cfg)
-    store = ensure_store(cfg, gen_tokenizer, load_encoder_tokenizer(qe_cfg, "context"))
-    ctx_encoder = build_context_encoder(qe_cfg)
-    expect = index_expectation(cfg, store, ctx_encoder)
-    index_dir = Path(str(cfg.index.dir))
-    command = rebuild_command(cfg)
-    try:
-        PassageIndex.check(index_dir, expect=expect, rebuild_command=command)
-        log.info("FAISS index %s is up to date", index_dir)
-        return store, index_dir, expect, gen_tokenizer
-    except IndexStateError as why:
-        log.info("building the FAISS index: %s", str(why).splitlines()[0])
-    start = time.time()
-    vectors = encode_passages(
-        ctx_encoder,
-        store,
-        str(cfg.index.vectors_dir),
-        batch_size=int(_opt(cfg.index, "batch_size", 64)),
-        shard_size=int(_opt(cfg.index, "shard_size", 50_000)),
-        device=_encode_device(cfg),
-        progress=bool(_opt(cfg.index, "progress", True)),
-    )
-    encoded = time.time()
-    index = PassageIndex.build(vectors, cfg.index)
-    index.save(index_dir, expect)
-    log.info(
-        "FAISS %s index of %d passages in %s (encode %.1fs, index %.1fs)",
-        expect["index_type"],
-        len(store),
+def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
+    """The retriever of a training / eval / predict run: store and index ensured (built when missing), the
+    index opened lazily (a DDP rank learns its shard only once Lightning has set up the process group) and
+    searched as ``index.distributed`` says."""
+    store, index_dir, expect = ensure_index(spec, gen_tokenizer)
+    index = LazyPassageIndex.open(
         index_dir,
-        encoded - start,
-        time.time() - encoded,
+        expect=expect,
+        cfg=spec.index,
+        rebuild_command=spec.rebuild_command,
+        verify_checksum=spec.index.verify_checksum,
     )
-    del ctx_encoder
-    return store, index_dir, expect, gen_tokenizer
-
-
-def ensure_index(cfg: Any) -> tuple[str, str]:
-    """(store_dir, index_dir) for the composed config, building the store and the index when needed."""
-    store, index_dir, _, _ = _ensure(cfg)
-    return str(store.dir), str(index_dir)
-
-
-def make_retriever(cfg: Any, index: Any, store: CorpusStore, gen_tokenizer: Any) -> Retriever:
-    """A Retriever over `index` and `store`; context length and layout from the root config's `context`."""
-    context = cfg.get("context")
     return Retriever(
         index,
         store,
-        max_context_length=int(_opt(context, "max_length", 128)),
-        layout=str(_opt(context, "layout", "question_first")),
+        max_context_length=spec.context.max_length,
+        layout=spec.context.layout,
         title_separator=store.title_separator,
         bos_id=gen_tokenizer.bos_token_id,
         eos_id=gen_tokenizer.eos_token_id,
         pad_id=gen_tokenizer.pad_token_id,
+        searcher=DistributedSearch(index, spec.index.distributed, spec.index),
     )
-
-
-def ensure_and_open(cfg: Any, open_index: Callable[..., Any]) -> Retriever:
-    """Store and index ensured (built when missing), the index opened with ``open_index``
-    (``PassageIndex.load`` or ``LazyPassageIndex.open``), wrapped in a Retriever."""
-    store, index_dir, expect, gen_tokenizer = _ensure(cfg)
-    index = open_index(
-        index_dir,
-        expect=expect,
-        cfg=cfg.index,
-        rebuild_command=rebuild_command(cfg),
-        verify_checksum=bool(_opt(cfg.index, "verify_checksum", True)),
-    )
-    return make_retriever(cfg, index, store, gen_tokenizer)
-
-
-def open_retriever(cfg: Any) -> Retriever:
-    """The single-process Retriever: store and index ensured, then loaded."""
-    return ensure_and_open(cfg, PassageIndex.load)

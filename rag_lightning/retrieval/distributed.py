@@ -6,7 +6,7 @@
   question vectors of every rank (padded to the largest batch, with the batch sizes gathered first: gloo's
   ``all_gather`` needs same-size tensors), searches its shard for all of them, all-gathers the per-shard
   top-k (scores, global rows) and merges them; each rank keeps its own questions' rows. Every rank must
-  therefore call :meth:`DistributedRetriever.retrieve` the same number of times, with the same ``k`` (Lightning's
+  therefore call :meth:`Retriever.retrieve <rag_lightning.retrieval.retriever.Retriever.retrieve>` the same number of times, with the same ``k`` (Lightning's
   distributed samplers give every rank the same number of batches in fit / validate / test; ``predict`` does not,
   so predict with one process or ``replicated``).
 - ``replicated``: every rank searches the full index for its own questions; no communication. For corpora
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +49,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rag_lightning.config import DISTRIBUTED_MODES, SEARCH_KEYS, ConfigError, IndexConfig
 from rag_lightning.retrieval.faiss_index import (
     ADD_CHUNK,
-    SEARCH_DEFAULTS,
     IndexCorruptError,
     PassageIndex,
-    _get,
-    _params,
     set_num_threads,
     to_gpu,
 )
-from rag_lightning.retrieval.retriever import Retrieved, Retriever
 
 log = logging.getLogger(__name__)
 
-MODES = ("sharded", "replicated")
+MODES = DISTRIBUTED_MODES
 CANDIDATE_MARGIN = 8  # extra faiss candidates per question, re-scored exactly before the top-k is taken
 _NO_ROW = np.iinfo(np.int64).max
 
 
 # ------------------------------------------------------------------------------------------ top-k math
-def world() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) when there is none."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -126,12 +123,6 @@ def search_part(
 
 
 # ------------------------------------------------------------------------------------------ index sources
-def _search_cfg(cfg: Any) -> dict[str, Any]:
-    """What loading or searching needs from the ``index`` node (device handled by :func:`_to_rank_gpu`)."""
-    keys = ("num_threads", *{key for params in SEARCH_DEFAULTS.values() for key in params})
-    return {"device": "cpu", **{key: _get(cfg, key) for key in keys if _get(cfg, key) is not None}}
-
-
 class LazyPassageIndex:
     """An index directory checked and its vectors memory-mapped now; faiss structures read on first use.
 
@@ -143,7 +134,7 @@ class LazyPassageIndex:
         self,
         directory: str | Path,
         manifest: dict[str, Any],
-        cfg: Any = None,
+        cfg: IndexConfig | None = None,
         *,
         expect: dict[str, Any],
         rebuild_command: str = "rag-index",
@@ -155,7 +146,9 @@ class LazyPassageIndex:
         self.build_params = dict(manifest["build_params"])
         self.effective_params = dict(manifest.get("effective_params") or self.build_params)
         self.search_params = (
-            dict(manifest["search_params"]) if cfg is None else _params(cfg, self.index_type, SEARCH_DEFAULTS)
+            dict(manifest["search_params"])
+            if cfg is None
+            else {key: int(getattr(cfg, key)) for key in SEARCH_KEYS[self.index_type]}
         )
         self.vectors = np.load(self.directory / manifest["vectors_file"], mmap_mode="r", allow_pickle=False)
         self._full: PassageIndex | None = None
@@ -166,7 +159,7 @@ class LazyPassageIndex:
         directory: str | Path,
         *,
         expect: dict[str, Any],
-        cfg: Any = None,
+        cfg: IndexConfig | None = None,
         rebuild_command: str = "rag-index",
         verify_checksum: bool = True,
     ) -> LazyPassageIndex:
@@ -194,7 +187,7 @@ class LazyPassageIndex:
             index = PassageIndex.load(
                 self.directory,
                 expect=self.expect,
-                cfg=_search_cfg(self.cfg),
+                cfg=_on_cpu(self.cfg),
                 rebuild_command=self.rebuild_command,
                 verify_checksum=self.verify_checksum,
             )
@@ -231,9 +224,14 @@ def _cpu_faiss_copy(index: LazyPassageIndex | PassageIndex) -> Any:
     return faiss.index_gpu_to_cpu(inner) if "Gpu" in type(inner).__name__ else faiss.clone_index(inner)
 
 
-def _to_rank_gpu(index: PassageIndex, cfg: Any) -> PassageIndex:
+def _on_cpu(cfg: IndexConfig | None) -> IndexConfig | None:
+    """``cfg`` with ``device=cpu``: an index is read on the CPU, then moved by :func:`_to_rank_gpu`."""
+    return None if cfg is None else replace(cfg, device="cpu")
+
+
+def _to_rank_gpu(index: PassageIndex, cfg: IndexConfig | None) -> PassageIndex:
     """The index on this process's GPU when ``index.device=gpu`` (each DDP rank on its own device)."""
-    if str(_get(cfg, "device", "cpu")) != "gpu":
+    if cfg is None or cfg.device != "gpu":
         return index
     device = torch.cuda.current_device() if torch.cuda.is_available() else 0
     gpu_index, resources = to_gpu(index.index, index.index_type, device)
@@ -250,7 +248,7 @@ def _to_rank_gpu(index: PassageIndex, cfg: Any) -> PassageIndex:
 
 
 def build_shard(
-    index: LazyPassageIndex | PassageIndex, start: int, end: int, cfg: Any = None
+    index: LazyPassageIndex | PassageIndex, start: int, end: int, cfg: IndexConfig | None = None
 ) -> tuple[PassageIndex | None, int]:
     """The shard of rows ``[start, end)`` and the global row of its local row 0 (None when empty).
 
@@ -259,7 +257,7 @@ def build_shard(
     """
     if end <= start:
         return None, start
-    set_num_threads(cfg)
+    set_num_threads(cfg.num_threads if cfg is not None else 0)
     kind, vectors, dim = index.index_type, index.vectors, int(index.vectors.shape[1])
     params = dict(index.effective_params)
     if kind == "ivfpq":
@@ -308,34 +306,20 @@ def gather_questions(
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).cpu().numpy(), sizes
 
 
-# ------------------------------------------------------------------------------------------ retriever
-class DistributedRetriever:
-    """The :class:`Retriever` API (``retrieve``, ``build_contexts``, ``store``, ``index.vectors``) with the
-    search spread over the DDP ranks; a single process searches the full index. See the module docstring."""
+# ------------------------------------------------------------------------------------------ search
+class DistributedSearch:
+    """The top-k search of a :class:`~rag_lightning.retrieval.retriever.Retriever`, spread over the DDP
+    ranks as ``index.distributed`` says; a single process searches the full index. See the module
+    docstring."""
 
-    def __init__(self, retriever: Retriever, mode: str = "sharded", cfg: Any = None) -> None:
+    def __init__(self, index: LazyPassageIndex | PassageIndex, mode: str = "sharded", cfg: IndexConfig | None = None) -> None:
         if mode not in MODES:
-            raise ValueError(f"index.distributed={mode!r} is not one of {', '.join(MODES)}")
-        self.retriever, self.mode, self.cfg = retriever, mode, cfg
+            raise ConfigError(f"index.distributed={mode!r} is not one of {', '.join(MODES)}")
+        self.index, self.mode, self.cfg = index, mode, cfg
         self._shard: tuple[tuple[int, int], PassageIndex | None, int] | None = None
 
-    @property
-    def store(self) -> Any:
-        return self.retriever.store
-
-    @property
-    def index(self) -> LazyPassageIndex | PassageIndex:
-        return self.retriever.index
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the Retriever's attributes (layout, pad_id, ...)
-        if name == "retriever":
-            raise AttributeError(name)
-        return getattr(self.retriever, name)
-
-    def build_contexts(
-        self, question_token_ids: Sequence[Sequence[int]], rows: torch.Tensor, **ids: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.retriever.build_contexts(question_token_ids, rows, **ids)
+    def __len__(self) -> int:
+        return len(self.index)
 
     def shard(self, rank: int, world_size: int) -> tuple[PassageIndex | None, int]:
         """This rank's shard, built at the first sharded search (and again only if the world changes)."""
@@ -350,19 +334,20 @@ class DistributedRetriever:
             self._shard = ((rank, world_size), part, offset)
         return self._shard[1], self._shard[2]
 
-    def search(self, question_vectors: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores (B, k) float32, rows (B, k) int64) of this rank's questions, by the tie rule."""
         if not 0 < k <= len(self.index):
             raise ValueError(f"k={k} must be between 1 and the number of indexed passages ({len(self.index)})")
-        rank, world_size = world()
+        question_vectors = torch.as_tensor(queries)
+        rank, world_size = rank_and_world_size()
         vectors = self.index.vectors
         if world_size == 1 or self.mode == "replicated":
             q = question_vectors.detach().to("cpu", torch.float32).numpy()
             return search_part(_full_index(self.index), 0, q, k, vectors)
         device = _comm_device()
-        queries, sizes = gather_questions(question_vectors, world_size, device)
+        gathered, sizes = gather_questions(question_vectors, world_size, device)
         part, offset = self.shard(rank, world_size)
-        scores, rows = search_part(part, offset, queries, k, vectors)
+        scores, rows = search_part(part, offset, gathered, k, vectors)
         all_scores = _all_gather(torch.from_numpy(scores).to(device), world_size)
         all_rows = _all_gather(torch.from_numpy(rows).to(device), world_size)
         begin = sum(sizes[:rank])
@@ -370,31 +355,3 @@ class DistributedRetriever:
         merged_scores = torch.cat([s[mine] for s in all_scores], dim=1).cpu().numpy()
         merged_rows = torch.cat([r[mine] for r in all_rows], dim=1).cpu().numpy()
         return top_k(merged_scores, merged_rows, k)
-
-    @torch.no_grad()
-    def retrieve(self, question_vectors: torch.Tensor, k: int) -> Retrieved:
-        """As :meth:`Retriever.retrieve`; under DDP with ``sharded`` a collective: every rank must call it."""
-        scores, rows = self.search(question_vectors, k)
-        if (rows < 0).any():
-            raise RuntimeError(
-                f"the {self.index.index_type} index found fewer than k={k} passages for some questions; "
-                "raise index.nprobe / index.ef_search or lower k"
-            )
-        vectors = np.asarray(self.index.vectors[rows.reshape(-1)], dtype=np.float32).reshape(*rows.shape, -1)
-        return Retrieved(
-            rows=torch.from_numpy(rows),
-            scores=torch.from_numpy(scores),
-            vectors=torch.from_numpy(vectors).to(question_vectors.device),
-            passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows],
-        )
-
-
-def open_distributed_retriever(cfg: Any) -> DistributedRetriever:
-    """The retriever of a training / eval / predict run: store and index ensured (built when missing),
-    the index opened lazily, searched as ``index.distributed`` says (default ``sharded``)."""
-    from rag_lightning.retrieval.build import _opt, ensure_and_open
-
-    mode = str(_opt(cfg.index, "distributed", "sharded"))
-    if mode not in MODES:
-        raise ValueError(f"index.distributed={mode!r} is not one of {', '.join(MODES)}; e.g. index.distributed=sharded")
-    return DistributedRetriever(ensure_and_open(cfg, LazyPassageIndex.open), mode, cfg.index)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rag_lightning.models.encoders import encode_questions, encoder_fingerprint
+from rag_lightning.models.encoders import encode_texts, encoder_fingerprint
 from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.store import CorpusStore
 
@@ -63,7 +63,7 @@ def _encode_shard(
     for b in range(0, len(order), batch_size):
         local = order[b : b + batch_size]
         ids, mask = _batch(store, local + start, pad_id)
-        vec = encode_questions(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
+        vec = encode_texts(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
         if out is None:
             out = np.empty((stop - start, vec.shape[1]), dtype=np.float32)
         out[local] = vec

@@ -24,7 +24,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from rag_lightning.retrieval.store import manifest_differences, sha256_file
+from rag_lightning.config import INDEX_TYPES, SEARCH_KEYS, ConfigError, IndexConfig
+from rag_lightning.errors import UserError
+from rag_lightning.files import sha256_file
+from rag_lightning.retrieval.store import manifest_differences
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +35,11 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
 MANIFEST_FILE = "index_manifest.json"
-TYPES = ("flat", "hnsw", "ivfpq")
-BUILD_DEFAULTS: dict[str, dict[str, int]] = {
-    "flat": {},
-    "hnsw": {"M": 32, "ef_construction": 80},
-    "ivfpq": {"nlist": 1024, "m": 64, "nbits": 8, "train_size": 0, "seed": 0},
-}
-SEARCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "flat": {},
-    "hnsw": {"ef_search": 128},
-    "ivfpq": {"nprobe": 32, "rerank": 16},
-}
 ADD_CHUNK = 65_536  # rows copied from the memmap per add(): bounded memory on top of the index itself
 RERANK_BYTES = 64 * 2**20  # candidate vectors gathered at once when re-ranking
 
 
-class IndexStateError(RuntimeError):
+class IndexStateError(UserError, RuntimeError):
     """An index directory that cannot be used as it is; the message says how to rebuild it."""
 
 
@@ -63,20 +55,8 @@ class IndexCorruptError(IndexStateError):
     pass
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def _params(cfg: Any, index_type: str, defaults: Mapping[str, dict[str, int]]) -> dict[str, int]:
-    return {key: int(_get(cfg, key, value)) for key, value in defaults[index_type].items()}
-
-
-def set_num_threads(cfg: Any) -> None:
+def set_num_threads(threads: int) -> None:
     """``index.num_threads`` > 0 caps faiss's OpenMP threads (0 keeps faiss's default)."""
-    threads = int(_get(cfg, "num_threads", 0))
     if threads > 0:
         faiss.omp_set_num_threads(threads)
 
@@ -124,16 +104,16 @@ class PassageIndex:
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, vectors: np.ndarray, cfg: Any) -> PassageIndex:
-        """Build the index named by ``cfg`` (the ``index`` config node) over ``vectors`` (N, d) float32."""
-        index_type = str(_get(cfg, "type", "flat"))
-        if index_type not in TYPES:
-            raise ValueError(f"index.type={index_type!r} is not one of {', '.join(TYPES)}")
+    def build(cls, vectors: np.ndarray, cfg: IndexConfig) -> PassageIndex:
+        """Build the index that the ``index`` section names over ``vectors`` (N, d) float32."""
+        index_type = cfg.type
+        if index_type not in INDEX_TYPES:
+            raise ConfigError(f"index.type={index_type!r} is not one of {', '.join(INDEX_TYPES)}")
         if vectors.ndim != 2 or vectors.dtype != np.float32:
             raise ValueError(f"passage vectors must be (N, d) float32, got {vectors.shape} {vectors.dtype}")
-        set_num_threads(cfg)
+        set_num_threads(cfg.num_threads)
         n, dim = vectors.shape
-        configured = _params(cfg, index_type, BUILD_DEFAULTS)
+        configured = cfg.build_params()
         params = dict(configured)
         if index_type == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -144,13 +124,13 @@ class PassageIndex:
             params = {**params, **ivfpq_shape(dim, n, params)}
             index = _untrained_ivfpq(dim, n, params)
         gpu_resources = None
-        if str(_get(cfg, "device", "cpu")) == "gpu":
+        if cfg.device == "gpu":
             index, gpu_resources = to_gpu(index, index_type)
         if index_type == "ivfpq":
             index.train(_training_sample(vectors, params))
         for start in range(0, n, ADD_CHUNK):
             index.add(np.ascontiguousarray(vectors[start : start + ADD_CHUNK]))
-        search = _params(cfg, index_type, SEARCH_DEFAULTS)
+        search = cfg.search_params()
         return cls(
             index,
             vectors,
@@ -245,11 +225,12 @@ class PassageIndex:
         directory: str | os.PathLike[str],
         *,
         expect: Mapping[str, Any],
-        cfg: Any = None,
+        cfg: IndexConfig | None = None,
         rebuild_command: str = "rag-index",
         verify_checksum: bool = True,
     ) -> PassageIndex:
-        """Open an index built for ``expect``; ``cfg`` (the ``index`` node) sets device, threads, search params."""
+        """Open an index built for ``expect``; ``cfg`` (the ``index`` section) sets device, threads and
+        search parameters (None: CPU, faiss's threads, the search parameters it was built with)."""
         d = Path(directory)
         manifest = cls.check(
             d, expect=expect, rebuild_command=rebuild_command, verify_checksum=verify_checksum
@@ -270,11 +251,13 @@ class PassageIndex:
                 f"{expected_shape}. {hint}"
             )
         index_type = manifest["index_type"]
-        set_num_threads(cfg)
         gpu_resources = None
-        if str(_get(cfg, "device", "cpu")) == "gpu":
-            index, gpu_resources = to_gpu(index, index_type)
-        search = manifest["search_params"] if cfg is None else _params(cfg, index_type, SEARCH_DEFAULTS)
+        search = manifest["search_params"]
+        if cfg is not None:
+            set_num_threads(cfg.num_threads)
+            if cfg.device == "gpu":
+                index, gpu_resources = to_gpu(index, index_type)
+            search = {key: int(getattr(cfg, key)) for key in SEARCH_KEYS[index_type]}
         return cls(
             index,
             vectors,

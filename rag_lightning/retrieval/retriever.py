@@ -5,7 +5,7 @@ Context layout (generator ids, ``<s>`` = bos, ``</s>`` = eos)::
     question_first (default):  <s> Q // T / X </s>
     passage_first:             <s> T / X // Q </s>     (transformers' RagRetriever order)
 
-where ``Q`` are the question's ids from :func:`rag_lightning.retrieval.store.piece_ids` (the tokens of
+where ``Q`` are the question's ids from :func:`rag_lightning.data.pieces.piece_ids` (the tokens of
 ``" " + question``), ``//`` the separator's ids (tokens of ``" //"``) and ``T / X`` the store's passage ids
 (tokens of ``" " + title + " / " + text``). For byte-level BPE the ids equal those of tokenising
 ``" " + question + " // " + title + " / " + text`` in one go. Only the passage is truncated to fit
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from rag_lightning.config import CONTEXT_LAYOUTS, ConfigError
+from rag_lightning.data.pieces import SEPARATOR
 from rag_lightning.padding import pad_right
-from rag_lightning.retrieval.faiss_index import PassageIndex
+from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
 from rag_lightning.retrieval.store import CorpusStore
-
-LAYOUTS = ("question_first", "passage_first")
-SEPARATOR = " // "  # between question and passage in a generator context
 
 
 @dataclass
@@ -39,8 +39,29 @@ class Retrieved:
     passage_ids: list[list[str]]
 
 
+@dataclass(frozen=True)
+class PassageText:
+    """A passage as a person reads it (predictions, provenance)."""
+
+    id: str
+    title: str
+    text: str
+
+
+class Searcher(Protocol):
+    """What finds the top-k rows: the index itself, or a search spread over DDP ranks."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class Retriever:
-    """Search the index and build generator inputs without decoding or re-tokenising any string."""
+    """The retrieval API the rest of the framework uses; nothing outside `retrieval/` touches the store or
+    the index. Searches, reads passage vectors and texts by row, maps passage ids to rows, and builds the
+    generator's inputs without decoding or re-tokenising any string.
+
+    ``searcher`` finds the rows (default: the index; under DDP a
+    :class:`~rag_lightning.retrieval.distributed.DistributedSearch`); everything else is the same.
+    """
 
     def __init__(
         self,
@@ -54,22 +75,24 @@ class Retriever:
         bos_id: int | None = None,
         eos_id: int | None = None,
         pad_id: int | None = None,
+        searcher: Searcher | None = None,
     ) -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+        if layout not in CONTEXT_LAYOUTS:
+            raise ConfigError(f"context.layout={layout!r} is not one of {', '.join(CONTEXT_LAYOUTS)}")
         if len(index) != len(store):
-            raise ValueError(
+            raise IndexStateError(
                 f"the index holds {len(index)} passages but the corpus store {store.dir} holds {len(store)}; "
                 "rebuild the index (rag-index)"
             )
         if title_separator != store.title_separator:
-            raise ValueError(
+            raise ConfigError(
                 f"title_separator={title_separator!r} differs from {store.title_separator!r} that the corpus "
                 f"store {store.dir} was tokenised with; rebuild the store or use the store's separator"
             )
         if separator != f" {separator.strip()} ":
             raise ValueError(f"separator={separator!r} must start and end with one space")
         self.index, self.store, self.layout = index, store, layout
+        self.searcher: Searcher = searcher if searcher is not None else index
         self.max_context_length = max_context_length
         self.separator_ids = store.gen_piece_ids(separator)
         # BART's special tokens of the store's generator tokenizer unless given
@@ -77,27 +100,50 @@ class Retriever:
         self.eos_id = store.gen_token_id("</s>") if eos_id is None else eos_id
         self.pad_id = store.gen_token_id("<pad>") if pad_id is None else pad_id
         if max_context_length < len(self.separator_ids) + 3:
-            raise ValueError(f"max_context_length={max_context_length} leaves no room for a question")
+            raise ConfigError(f"context.max_length={max_context_length} leaves no room for a question")
 
+    def __len__(self) -> int:
+        """Passages in the corpus."""
+        return len(self.store)
+
+    # ---- the API -------------------------------------------------------------------------------
     @torch.no_grad()
     def retrieve(self, question_vectors: torch.Tensor, k: int) -> Retrieved:
         """Top-``k`` passages per question. No gradient flows through the search: recompute the document
-        scores as ``bmm(q, vectors)`` to train the question encoder."""
+        scores as ``bmm(q, vectors)`` to train the question encoder. Under DDP with a sharded searcher this
+        is a collective: every rank must call it."""
         q = question_vectors.detach().to("cpu", torch.float32).numpy()
-        scores, rows = self.index.search(q, k)
+        scores, rows = self.searcher.search(q, k)
         if (rows < 0).any():
             raise RuntimeError(
                 f"the {self.index.index_type} index found fewer than k={k} passages for some questions; "
                 "raise index.nprobe / index.ef_search or lower k"
             )
-        vectors = np.asarray(self.index.vectors[rows.reshape(-1)], dtype=np.float32).reshape(*rows.shape, -1)
-        device = question_vectors.device
-        return Retrieved(
-            rows=torch.from_numpy(rows),
-            scores=torch.from_numpy(scores),
-            vectors=torch.from_numpy(vectors).to(device),
-            passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows],
-        )
+        return self._result(torch.from_numpy(np.asarray(rows)), torch.from_numpy(np.asarray(scores)),
+                            question_vectors.device)
+
+    def vectors(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The exact passage vectors of ``rows`` (any shape), float32 on the CPU: shape rows.shape + (d,)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        flat = np.asarray(self.index.vectors[rows.reshape(-1).numpy()], dtype=np.float32)
+        return torch.from_numpy(flat).reshape(*rows.shape, -1)
+
+    def rows_of(self, passage_ids: Sequence[str]) -> list[int | None]:
+        """The store row of each passage id; None for an id outside this corpus."""
+        rows: list[int | None] = []
+        for pid in passage_ids:
+            try:
+                rows.append(self.store.row_of(pid))
+            except KeyError:
+                rows.append(None)
+        return rows
+
+    def passages(self, rows: Sequence[int]) -> list[PassageText]:
+        """Id, title and text of each row, for predictions and provenance."""
+        return [
+            PassageText(self.store.passage_id(int(r)), self.store.title(int(r)), self.store.text(int(r)))
+            for r in rows
+        ]
 
     def with_gold(
         self, found: Retrieved, gold_passage_ids: Sequence[Sequence[str]], question_vectors: torch.Tensor
@@ -108,26 +154,22 @@ class Retriever:
         generator learns to read before it has to cope with retrieval misses.  Examples without a gold id,
         or with one outside this corpus, keep what the search found."""
         rows = found.rows.clone()
-        for b, gold in enumerate(gold_passage_ids):
-            if not gold:
-                continue
-            try:
-                row = self.store.row_of(gold[0])
-            except KeyError:
-                continue
-            if row not in rows[b].tolist():
+        firsts = self.rows_of([gold[0] if gold else "" for gold in gold_passage_ids])
+        for b, (gold, row) in enumerate(zip(gold_passage_ids, firsts)):
+            if gold and row is not None and row not in rows[b].tolist():
                 rows[b, -1] = row
         if torch.equal(rows, found.rows):
             return found
-        flat = rows.reshape(-1).numpy()
-        vectors = torch.from_numpy(
-            np.asarray(self.index.vectors[flat], dtype=np.float32).reshape(*rows.shape, -1)
-        )
         q = question_vectors.detach().to("cpu", torch.float32)
+        scores = torch.einsum("bd,bkd->bk", q, self.vectors(rows))
+        return self._result(rows, scores, found.vectors.device)
+
+    def _result(self, rows: torch.Tensor, scores: torch.Tensor, device: torch.device) -> Retrieved:
+        """The one place a retrieval result is built: vectors and ids read for the rows found."""
         return Retrieved(
             rows=rows,
-            scores=torch.einsum("bd,bkd->bk", q, vectors),
-            vectors=vectors.to(found.vectors.device),
+            scores=scores,
+            vectors=self.vectors(rows).to(device),
             passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows.tolist()],
         )
 

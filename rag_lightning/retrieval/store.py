@@ -28,6 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rag_lightning.data.pieces import piece_ids
+from rag_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -41,7 +44,7 @@ class PassageLike(Protocol):
     text: str
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A corpus store that is missing, corrupt, or built for other inputs."""
 
 
@@ -57,16 +60,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def piece_ids(tokenizer: Any, text: str) -> list[int]:
-    """Generator ids of one context piece: ``" " + text.strip()`` without special tokens.
-
-    Every piece of a context (question, separator, passage) starts with a space and ends without one, so
-    for byte-level BPE the concatenated ids equal the ids of the concatenated string (the pre-tokeniser
-    always splits before a space). Questions must be tokenised with this function too.
-    """
-    return list(tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
-
-
 def manifest_differences(found: Mapping[str, Any], expect: Mapping[str, Any]) -> list[str]:
     """Human-readable lines for every expected key whose recorded value differs."""
     return [
@@ -80,15 +73,6 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file read in chunks (corpus files and indexes can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RaggedWriter:
