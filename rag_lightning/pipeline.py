@@ -440,11 +440,12 @@ def predict(cfg: DictConfig) -> list[dict]:
     return records
 
 
-def index(cfg: DictConfig) -> tuple[Any, Path]:
-    """rag-index's work: the data prepared, then the corpus store and the FAISS index built or checked."""
+def index(cfg: DictConfig) -> dict[str, str]:
+    """rag-index's work: the data prepared, then the corpus store and the FAISS index built or checked;
+    returns what they hold (retrieval.build.describe)."""
     from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
     from rag_lightning.data.prepare_data import ensure_prepared
-    from rag_lightning.retrieval.build import RetrievalSpec, ensure_index
+    from rag_lightning.retrieval.build import RetrievalSpec, describe, ensure_index
 
     data = section(DataConfig, cfg.data, "data")
     encoder = section(QuestionEncoderConfig, cfg.model.question_encoder, "model.question_encoder")
@@ -458,4 +459,4 @@ def index(cfg: DictConfig) -> tuple[Any, Path]:
         )
     spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
     store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer))
-    return store, index_dir
+    return describe(store.dir, index_dir)

@@ -43,16 +43,22 @@ def continuation_feature(source_ids: torch.Tensor, decoder_input_ids: torch.Tens
 
 
 def bigram_continuation_feature(
-    source_ids: torch.Tensor, decoder_input_ids: torch.Tensor, history: torch.Tensor | None = None
+    source_ids: torch.Tensor,
+    decoder_input_ids: torch.Tensor,
+    history: torch.Tensor | None = None,
+    follows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, T, S) float: 1 where the two source tokens before position i equal the last two tokens emitted.
 
     ``history`` (N, 1) is the token emitted before ``decoder_input_ids[:, 0]`` (cached decoding feeds one
     token at a time); without it the first step has no predecessor and its feature is 0.  Where the unigram
     feature fires after every comma of every number, this one fires only after the comma that follows the
-    piece just copied ("2,724,900": after "724 ," only "900" continues)."""
+    piece just copied ("2,724,900": after "724 ," only "900" continues). ``follows`` is the unigram
+    feature when the caller has it already."""
     previous = previous_tokens(decoder_input_ids, history)
-    return continuation_feature(source_ids, decoder_input_ids) * continuation_feature(source_ids, previous, lag=2)
+    if follows is None:
+        follows = continuation_feature(source_ids, decoder_input_ids)
+    return follows * continuation_feature(source_ids, previous, lag=2)
 
 
 def previous_tokens(decoder_input_ids: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
@@ -218,8 +224,7 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
             if self.copy_continue is not None:
                 scores = scores + self.copy_continue(dec) * follows.to(scores.dtype)
             if self.copy_continue_bigram is not None:
-                previous = previous_tokens(decoder_input_ids, copy_history)
-                follows2 = follows * continuation_feature(source_ids, previous, lag=2)
+                follows2 = bigram_continuation_feature(source_ids, decoder_input_ids, copy_history, follows)
                 scores = scores + self.copy_continue_bigram(dec) * follows2.to(scores.dtype)
         scores = scores.float().masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
         attention = torch.softmax(scores, dim=-1)

@@ -14,6 +14,7 @@ The data itself must be prepared first (``rag-prepare``'s work, ``data.prepare_d
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -219,3 +220,22 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
         pad_id=gen_tokenizer.pad_token_id,
         searcher=DistributedSearch(index, spec.index.distributed, spec.index),
     )
+
+
+def describe(store_dir: str | Path, index_dir: str | Path) -> dict[str, str]:
+    """What a built store and index hold, from their manifests, as (item, value) rows for people."""
+    from rag_lightning.retrieval.faiss_index import MANIFEST_FILE
+
+    store = CorpusStore.read_manifest(store_dir) or {}
+    index = json.loads((Path(index_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    params = ", ".join(f"{k}={v}" for k, v in {**index["effective_params"], **index["search_params"]}.items())
+    return {
+        "passages": f"{store.get('passages', 0):,}",
+        "tokens (generator / context encoder)": f"{store.get('gen_tokens', 0):,} / {store.get('ctx_tokens', 0):,}",
+        "encoder": f"{index['encoder_name']} ({index['encoder_fingerprint'][:12]})",
+        "index": f"{index['index_type']} {params}".strip(),
+        "vectors": f"{index['passages']:,} x {index['dim']} float32",
+        "index file": f"{index['index_bytes'] / 2**20:,.1f} MiB (faiss {index['faiss_version']})",
+        "store dir": str(store_dir),
+        "index dir": str(index_dir),
+    }
