@@ -1,0 +1,131 @@
+"""The training step's wiring, pinned against an independent computation from the module's pieces.
+
+The math (the three NLLs, the decoders) is tested against transformers elsewhere; these tests check what the
+module does with it: which loss a mode trains with, that each target meets the contexts of its own question,
+that the question encoder gets a gradient exactly when it should, and that the step learns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
+from rag_lightning.pipeline import setup
+
+# tiny encoders have dropout: the module and the hand computation both run in eval mode to compare exactly
+# (eval mode changes nothing else here: no curriculum, no answer swapping in the tiny experiment)
+
+
+@pytest.fixture
+def tiny_module(tmp_path, tiny_train_config):
+    """``tiny_module(*overrides)``: (module, one training batch of 4 questions with 4 different answers)."""
+
+    def build(*overrides: str):
+        torch.manual_seed(0)
+        _, module, datamodule = setup(tiny_train_config(tmp_path, *overrides))
+        batch = next(iter(datamodule.train_dataloader()))
+        assert len({tuple(a) for a in batch["answers"]}) == len(batch["answers"]) == 4
+        return module, batch
+
+    return build
+
+
+def _question_ids(batch: dict) -> list[list[int]]:
+    ids, mask = batch["question_generator_ids"], batch["question_generator_mask"]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def _rag_pieces(module, batch: dict, n_docs: int, *, aligned: bool = True):
+    """Logits of every (question, passage) context and the doc scores, computed step by step by hand.
+
+    Context b*k + j holds passage j of question b, so its decoder input is question b's target; with
+    ``aligned=False`` the targets are tiled instead (question order b = 0, 1, ..., 0, 1, ...), a misalignment.
+    """
+    retriever = module.retriever
+    q = module.question_encoder(
+        input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
+    ).pooler_output
+    found = retriever.retrieve(q, n_docs)
+    doc_scores = (q[:, None, :] * retriever.vectors(found.rows)).sum(-1)
+    contexts, mask = retriever.build_contexts(_question_ids(batch), found.rows)
+    dec = batch["decoder_input_ids"]
+    size = dec.shape[0]
+    order = [b for b in range(size) for _ in range(n_docs)] if aligned else [i % size for i in range(size * n_docs)]
+    logits = module.generator(
+        input_ids=contexts, attention_mask=mask, decoder_input_ids=dec[order], use_cache=False
+    ).logits
+    return logits, doc_scores
+
+
+@pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
+def test_the_step_trains_with_its_modes_loss_on_aligned_targets(tiny_module, mode):
+    module, batch = tiny_module(f"model={mode}", "model.question_encoder_warmup_steps=0")
+    module.eval()
+    loss = module.training_step(batch, 0)
+    pad = module.tokenizer.pad_token_id
+    labels = batch["labels"]
+    if mode == "closed_book":
+        bos, eos = module.tokenizer.bos_token_id, module.tokenizer.eos_token_id
+        rows = [[bos, *ids, eos] for ids in _question_ids(batch)]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        logits = module.generator(
+            input_ids=ids, attention_mask=(ids != pad).long(), decoder_input_ids=batch["decoder_input_ids"]
+        ).logits
+        expected = closed_book_nll(logits, labels, pad_token_id=pad, reduction="token_mean")
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        return
+    n_docs = module.cfg.n_docs
+    logits, doc_scores = _rag_pieces(module, batch, n_docs)
+    token = rag_token_nll(logits, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
+    sequence = rag_sequence_nll(logits, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
+    assert not torch.allclose(token, sequence, atol=1e-4)  # the batch tells the two losses apart
+    torch.testing.assert_close(loss, token if mode == "rag_token" else sequence, rtol=1e-5, atol=1e-6)
+    # ... and it tells aligned targets from misaligned ones
+    tiled, _ = _rag_pieces(module, batch, n_docs, aligned=False)
+    misaligned = rag_token_nll(tiled, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
+    assert not torch.allclose(misaligned, token, atol=1e-4)
+
+
+def _encoder_grads(module) -> dict[str, torch.Tensor | None]:
+    return {name: p.grad for name, p in module.question_encoder.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trained"),
+    [
+        (("model.question_encoder_warmup_steps=0",), "all"),
+        (("model.question_encoder_warmup_steps=5",), "none"),  # step 0 is inside the warm-up
+        (("model.question_encoder_warmup_steps=0", "model.freeze_question_encoder=true"), "none"),
+        (("model.question_encoder_warmup_steps=0", "model.question_encoder_trainable_layers=1"), "top"),
+    ],
+)
+def test_the_question_encoder_gets_a_gradient_exactly_when_it_trains(tiny_module, overrides, trained):
+    module, batch = tiny_module(*overrides)
+    module.eval()
+    module.zero_grad(set_to_none=True)
+    module.training_step(batch, 0).backward()
+    grads = _encoder_grads(module)
+    nonzero = {name for name, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.generator.parameters())
+    if trained == "none":
+        assert not nonzero
+    elif trained == "all":
+        assert any("embeddings" in n for n in nonzero) and any("layer.1." in n for n in nonzero)
+    else:  # only the top layer of the two
+        assert nonzero and all("layer.1." in n for n in nonzero), sorted(nonzero)[:5]
+
+
+def test_the_step_learns_a_tiny_batch(tiny_module):
+    module, batch = tiny_module("model.question_encoder_warmup_steps=0")
+    module.eval()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
