@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rag_lightning.config import ConfigError
+
 KINDS = ("minilm", "dpr", "tiny", "path")
 Which = Literal["question", "context"]
 
@@ -46,7 +48,7 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def _kind(cfg: Any) -> str:
     kind = _get(cfg, "kind")
     if kind not in KINDS:
-        raise ValueError(f"model.question_encoder.kind={kind!r} is not one of {', '.join(KINDS)}")
+        raise ConfigError(f"model.question_encoder.kind={kind!r} is not one of {', '.join(KINDS)}")
     return kind
 
 
@@ -115,7 +117,7 @@ def _build(cfg: Any, which: Which) -> DPRQuestionEncoder | DPRContextEncoder:
     if kind in ("dpr", "path"):
         name = _get(cfg, f"{which}_name_or_path")
         if not name:
-            raise ValueError(f"model.question_encoder.{which}_name_or_path is required for kind={kind}")
+            raise ConfigError(f"model.question_encoder.{which}_name_or_path is required for kind={kind}")
         if kind == "path" and not Path(name).is_dir():
             raise FileNotFoundError(
                 f"model.question_encoder.{which}_name_or_path={name} is not a directory saved by "

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rag_lightning.config import ConfigError
 from rag_lightning.models.encoders import (
     build_context_encoder,
     encoder_fingerprint,
@@ -150,7 +151,7 @@ def index_expectation(cfg: Any, store: CorpusStore, ctx_encoder: torch.nn.Module
     """What an index must have been built from to serve this config (compared with its manifest)."""
     index_type = str(cfg.index.type)
     if index_type not in BUILD_DEFAULTS:
-        raise ValueError(f"index.type={index_type!r} is not one of {', '.join(BUILD_DEFAULTS)}")
+        raise ConfigError(f"index.type={index_type!r} is not one of {', '.join(BUILD_DEFAULTS)}")
     return {
         "encoder_name": encoder_name(cfg.model.question_encoder, "context"),
         "encoder_fingerprint": encoder_fingerprint(ctx_encoder),
