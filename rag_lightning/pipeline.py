@@ -323,7 +323,13 @@ def predict(cfg: DictConfig) -> list[dict]:
     """Answer questions from the command line, with the passages used."""
     from rag_lightning.data.readers import QAExample
 
-    questions = [cfg.question] if isinstance(cfg.question, str) else list(cfg.question)
+    asked = cfg.question
+    questions = [] if asked is None else [str(q) for q in asked] if OmegaConf.is_list(asked) else [str(asked)]
+    if not questions or not all(q.strip() for q in questions):
+        raise ConfigError(
+            f"question={asked!r}: no question to answer (empty or blank). Fix: pass question=\"What is ...?\" "
+            "or a list, question=\"[first question?,second question?]\""
+        )
     run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"model": cfg.model}))
     module, datamodule = load_trained(run_cfg, cfg.ckpt_path, cfg.paths.output_dir)
     datamodule.predict_examples = [QAExample(f"q{i}", q, [], []) for i, q in enumerate(questions)]
