@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rag_lightning.conf_path import CONFIG_DIR
+from rag_lightning.errors import friendly_errors, friendly_hydra_errors
 
 
 def summary_table(store_dir: str, index_dir: str) -> Table:
@@ -39,7 +40,9 @@ def summary_table(store_dir: str, index_dir: str) -> Table:
     return table
 
 
+@friendly_hydra_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="index")
+@friendly_errors
 def main(cfg: DictConfig) -> None:
     from rag_lightning.retrieval.build import ensure_index
 
