@@ -52,9 +52,7 @@ def test_config_group_options_compose(group):
     validate(cfg)
 
 
-def test_wandb_offline_run_holds_logged_metrics(tmp_path):
-    from pipeline_helpers import tiny_train_config
-
+def test_wandb_offline_run_holds_logged_metrics(tmp_path, tiny_train_config):
     from rag_lightning.pipeline import train
 
     cfg = tiny_train_config(tmp_path, "logger=wandb", "trainer.max_epochs=1", "export=false")
