@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny synthetic QA world and the tiny-model configs composed on it, the synthetic corpus of
-the store/index tests, and the console scripts run as a user runs them (in this process and as subprocesses).
+"""Shared fixtures: a tiny synthetic QA world and the tiny-model configs composed on it, the synthetic corpus
+of the store/index tests, and the console scripts run as a user runs them (in process and as subprocesses).
 
 Test modules take these as fixtures; no test module imports another.
 """

@@ -182,9 +182,8 @@ def test_build_generator_wires_continuation_and_refuses_it_without_copy():
 
 
 @pytest.mark.parametrize("unique", [False, True])
-def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique):
+def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique, make_gen_tokenizer):
     from omegaconf import OmegaConf
-    from test_store import make_gen_tokenizer
 
     from rag_lightning.models.generator import build_generator
     from rag_lightning.retrieval.store import piece_ids
