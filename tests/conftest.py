@@ -87,13 +87,15 @@ def compose_tiny_train(root: Path, *overrides: str, run_dir: Path | None = None)
 
 @pytest.fixture
 def tiny_world(tmp_path: Path) -> dict[str, str]:
-    """The tiny world's files under ``tmp_path/data`` (corpus, train, val, test), as tiny_overrides uses them."""
+    """The tiny world's files under ``tmp_path/data`` (corpus, train, val, test), as tiny_overrides
+    writes and uses them."""
     return write_tiny_world(tmp_path / "data")
 
 
 @pytest.fixture
 def tiny_overrides() -> Callable[[Path], list[str]]:
-    """``tiny_overrides(root)``: the command-line overrides of `experiment=tiny` on the tiny world under root."""
+    """``tiny_overrides(root)``: the command-line overrides of `experiment=tiny` on the tiny world under
+    root."""
     return tiny_world_overrides
 
 
@@ -201,6 +203,14 @@ ENTRY_POINTS = {
     "rag-eval": "rag_lightning.eval",
     "rag-predict": "rag_lightning.predict",
 }
+
+
+@pytest.fixture(scope="session")
+def entry_points() -> dict[str, str]:
+    """Console script name -> the module whose main() it runs."""
+    return dict(ENTRY_POINTS)
+
+
 QUIET_ENV = {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
 
 
@@ -266,7 +276,8 @@ def script_env(root: Path, **extra: str) -> dict[str, str]:
     on the path, no debug switches inherited."""
     env = {**os.environ, **QUIET_ENV, "RAG_ROOT": str(root), **extra}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    for key in ("RAG_DEBUG", "HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    inherited = ("RAG_DEBUG", "HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in inherited:
         if key not in extra:
             env.pop(key, None)
     return env
