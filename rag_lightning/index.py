@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rag_lightning.conf_path import CONFIG_DIR
-from rag_lightning.errors import friendly_errors
+from rag_lightning.errors import friendly_errors, friendly_hydra_errors
 
 
 def summary_table(rows: dict[str, str]) -> Table:
@@ -23,6 +23,7 @@ def summary_table(rows: dict[str, str]) -> Table:
     return table
 
 
+@friendly_hydra_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="index")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

@@ -421,10 +421,13 @@ def quiet_lightning() -> Iterator[None]:
 
 def predict(cfg: DictConfig) -> list[dict]:
     """Answer questions from the command line, with the passages used."""
-    questions = [cfg.question] if isinstance(cfg.question, str) else list(cfg.question)
-    for i, q in enumerate(questions):
-        if not str(q).strip():
-            raise ConfigError(f"question={q!r}{f' (question {i})' if len(questions) > 1 else ''} is empty; ask something")
+    asked = cfg.question
+    questions = [] if asked is None else [str(q) for q in asked] if OmegaConf.is_list(asked) else [str(asked)]
+    if not questions or not all(q.strip() for q in questions):
+        raise ConfigError(
+            f"question={asked!r}: no question to answer (empty or blank). Fix: pass question=\"What is ...?\" "
+            "or a list, question=\"[first question?,second question?]\""
+        )
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
         run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"model": cfg.model}))

@@ -6,9 +6,10 @@ import hydra
 from omegaconf import DictConfig
 
 from rag_lightning.conf_path import CONFIG_DIR
-from rag_lightning.errors import friendly_errors
+from rag_lightning.errors import friendly_errors, friendly_hydra_errors
 
 
+@friendly_hydra_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.config import DataConfig, section
 from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST, ensure_prepared
-from rag_lightning.errors import friendly_errors
+from rag_lightning.errors import friendly_errors, friendly_hydra_errors
 
 
 def summary_table(manifest: dict[str, Any]) -> Table:
@@ -44,6 +44,7 @@ def summary_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
+@friendly_hydra_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

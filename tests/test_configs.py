@@ -65,9 +65,7 @@ def test_config_group_options_compose(group, key, value):
     assert OmegaConf.select(cfg, key) == value
 
 
-def test_wandb_offline_run_holds_logged_metrics(tmp_path):
-    from pipeline_helpers import tiny_train_config
-
+def test_wandb_offline_run_holds_logged_metrics(tmp_path, tiny_train_config):
     from rag_lightning.pipeline import train
 
     cfg = tiny_train_config(tmp_path, "logger=wandb", "trainer.max_epochs=1", "export=false")

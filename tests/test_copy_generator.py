@@ -180,8 +180,7 @@ def test_build_generator_wires_continuation_and_refuses_it_without_copy():
 
 
 @pytest.mark.parametrize("unique", [False, True])
-def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique):
-    from test_store import make_gen_tokenizer
+def test_build_generator_gives_question_match_the_context_separator(tmp_path, unique, make_gen_tokenizer):
 
     from rag_lightning.data.pieces import piece_ids
     from rag_lightning.models.generator import build_generator

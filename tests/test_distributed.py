@@ -4,7 +4,6 @@ then a real 2-process DDP training (``trainer=ddp_cpu``) whose sharded retrieval
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,29 +182,11 @@ def test_two_ranks_sharded_approximate_types_score_exactly_and_never_worse(two_r
 
 
 # ------------------------------------------------------------------------------------------ DDP training
-def tiny_cli_overrides(root: Path) -> list[str]:
-    """The overrides of tests/pipeline_helpers.tiny_train_config, for `rag-train` in a subprocess."""
-    from pipeline_helpers import tiny_overrides
-
-    return tiny_overrides(root)
-
-
-def rag_train(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`rag-train` in a subprocess (in-process DDP would re-run pytest in the child), outputs under root."""
-    env = {**os.environ, "RAG_ROOT": str(root), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
-        env.pop(key, None)
-    command = [str(Path(sys.executable).with_name("rag-train")), *args]
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"rag-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def test_ddp_cpu_training_two_processes(tmp_path: Path) -> None:
+def test_ddp_cpu_training_two_processes(tmp_path: Path, rag_train, tiny_overrides, eval_config) -> None:
     run = tmp_path / "run"
     rag_train(
         tmp_path,
-        *tiny_cli_overrides(tmp_path),
+        *tiny_overrides(tmp_path),
         "trainer=ddp_cpu",
         "trainer.max_epochs=2",
         "logger=csv",
@@ -225,12 +206,10 @@ def test_ddp_cpu_training_two_processes(tmp_path: Path) -> None:
     # the test stage ran sharded over 2 ranks; rag-eval on one process must see the same passages
     ddp = {r["id"]: r for r in map(json.loads, (run / "predictions_test.jsonl").read_text().splitlines())}
     assert len(ddp) == 4
-    from test_pipeline import _eval_config
-
     from rag_lightning.pipeline import evaluate
 
     best = next(p for p in (run / "checkpoints").glob("step*.ckpt"))
-    evaluate(_eval_config(tmp_path, best, tmp_path / "eval"))
+    evaluate(eval_config(best, tmp_path / "eval"))
     single = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     for record in single:
         other = ddp[record["id"]]

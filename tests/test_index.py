@@ -134,9 +134,9 @@ def test_gpu_request_without_gpu_faiss_is_explained(data: tuple[np.ndarray, np.n
 
 # ------------------------------------------------------------------------------------ encoding
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> CorpusStore:
-    from test_store import ctx_tokenizer, make_gen_tokenizer, synthetic_passages
-
+def store(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_passages, make_gen_tokenizer, ctx_tokenizer
+) -> CorpusStore:
     tmp = tmp_path_factory.mktemp("enc")
     return CorpusStore.build(
         synthetic_passages(50), make_gen_tokenizer(tmp / "tok"), ctx_tokenizer(), tmp / "s"
@@ -247,9 +247,7 @@ def built_dirs(tmp: Path, *overrides: str) -> tuple[Path, Path]:
 
 
 @pytest.fixture()
-def user_data(tmp_path: Path) -> Path:
-    from test_store import make_gen_tokenizer, synthetic_passages
-
+def user_data(tmp_path: Path, synthetic_passages, make_gen_tokenizer) -> Path:
     lines = [json.dumps({"id": p.id, "title": p.title, "text": p.text}) for p in synthetic_passages(40)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "train.jsonl").write_text(

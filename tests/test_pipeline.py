@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pipeline_helpers import tiny_train_config
 
 from rag_lightning.pipeline import train
 
 
 @pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
-def test_fast_dev_run_each_mode(tmp_path, mode):
+def test_fast_dev_run_each_mode(tmp_path, mode, tiny_train_config):
     cfg = tiny_train_config(tmp_path, f"model={mode}", "debug=fast_dev_run")
     results = train(cfg)
     assert "test/em" in results and 0.0 <= results["test/em"] <= 1.0
@@ -21,7 +20,7 @@ def test_fast_dev_run_each_mode(tmp_path, mode):
         assert "test/recall@2" in results
 
 
-def test_train_checkpoint_test_export(tmp_path):
+def test_train_checkpoint_test_export(tmp_path, tiny_train_config):
     cfg = tiny_train_config(tmp_path, "trainer.max_epochs=2")
     results = train(cfg)
     run = tmp_path / "run"
@@ -47,26 +46,13 @@ def test_train_checkpoint_test_export(tmp_path):
     assert OmegaConf.load(run / "config_resolved.yaml").model.mode == "rag_token"
 
 
-def _eval_config(tmp_path, ckpt, out):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from rag_lightning.conf_path import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={ckpt}", "accelerator=cpu"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
-
-
-def test_eval_reproduces_the_test_stage(tmp_path):
+def test_eval_reproduces_the_test_stage(tmp_path, tiny_train_config, eval_config):
     from rag_lightning.pipeline import evaluate
 
     results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "export=false"))
     run = tmp_path / "run"
     best = next((run / "checkpoints").glob("step*.ckpt"))
-    again = evaluate(_eval_config(tmp_path, best, tmp_path / "eval"))
+    again = evaluate(eval_config(best, tmp_path / "eval"))
     for key in ("test/em", "test/f1", "test/recall@1", "test/recall@2", "test/loss"):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
     lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
@@ -76,7 +62,7 @@ def test_eval_reproduces_the_test_stage(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/em"] == pytest.approx(results["test/em"])
 
 
-def test_resume_continues_steps_and_optimizer_state(tmp_path):
+def test_resume_continues_steps_and_optimizer_state(tmp_path, tiny_train_config):
     run = tmp_path / "run"
     train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "test=false", "export=false"))
     first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -88,14 +74,14 @@ def test_resume_continues_steps_and_optimizer_state(tmp_path):
     assert all(int(s) == 4 for s in steps)  # Adam's step counters went on from 2, not from 0
 
 
-def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path):
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, tiny_train_config):
     from rag_lightning.config import ConfigError
 
     with pytest.raises(ConfigError, match="run_dir=<that run's directory>"):
         train(tiny_train_config(tmp_path, "ckpt_path=last"))
 
 
-def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path):
+def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path, tiny_train_config):
     cfg = tiny_train_config(
         tmp_path, "debug=fast_dev_run", "model.answer_swap_prob=1.0", "model.generator.copy=true",
         "model.retrieval_loss_weight=1.0",
@@ -104,7 +90,7 @@ def test_answer_swapping_copy_head_and_retrieval_loss_train(tmp_path):
     assert "test/em" in results
 
 
-def test_main_job_reading_features_train_and_reload(tmp_path):
+def test_main_job_reading_features_train_and_reload(tmp_path, tiny_train_config):
     """The main job's reading features, gold curriculum and top-layer joint training run end to end; the
     export reloads with every head."""
     from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration
@@ -122,7 +108,7 @@ def test_main_job_reading_features_train_and_reload(tmp_path):
     assert generator.match_embedding.num_embeddings == 3
 
 
-def test_predict_answers_with_the_passages_used(tmp_path, capsys):
+def test_predict_answers_with_the_passages_used(tmp_path, capsys, tiny_train_config):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_store import ctx_tokenizer, make_gen_tokenizer, synthetic_passages
 from transformers import PreTrainedTokenizerFast
 
 from rag_lightning.config import IndexConfig
@@ -21,7 +20,7 @@ QUESTIONS = ["Who is the capital of France?", "How high is Everest (in m)?", "Wh
 
 @pytest.fixture(scope="module")
 def parts(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, synthetic_passages, make_gen_tokenizer, ctx_tokenizer,
 ) -> tuple[PreTrainedTokenizerFast, CorpusStore, PassageIndex]:
     tmp = tmp_path_factory.mktemp("retriever")
     gen_tok = make_gen_tokenizer(tmp / "tok")
@@ -52,7 +51,7 @@ def test_retrieve_returns_rows_scores_vectors_and_ids(parts) -> None:
 
 
 @pytest.mark.parametrize("layout", ["question_first", "passage_first"])
-def test_contexts_equal_tokenising_the_joined_strings(parts, layout: str) -> None:
+def test_contexts_equal_tokenising_the_joined_strings(parts, layout: str, synthetic_passages) -> None:
     gen_tok, store, index = parts
     retriever = Retriever(index, store, max_context_length=512, layout=layout)
     rows = torch.tensor([[0, 3, 5], [2, 7, 1], [6, 4, 29]])

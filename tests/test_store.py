@@ -7,56 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
 from rag_lightning.data.pieces import piece_ids
 from rag_lightning.data.readers import Passage
-from rag_lightning.models.encoders import minilm_dir
 from rag_lightning.retrieval.store import CorpusStore, StoreError, tokenizer_fingerprint
-
-TEXTS = [
-    ("Paris", "Paris is the capital of France. It has 2,102,650 inhabitants (2023)."),
-    ("Zürich", "Zürich lies on Lake Zürich; its name was Turicum in Roman times."),
-    ("", "A passage without a title, with  two spaces and a tab\there."),
-    ("São Paulo", "São Paulo's population is about 12 million — the largest city in Brazil."),
-    ("Mount Everest", "Everest (8,849 m) is Earth's highest mountain above sea level!"),
-    ("C/2020 F3", "Comet NEOWISE, designated C/2020 F3, was visible to the naked eye in July 2020."),
-    ("Oxygen", "Oxygen has atomic number 8 and symbol O. It is the third most abundant element."),
-    ("Tokyo", "東京 (Tokyo) is the capital of Japan and its most populous city."),
-]
-
-
-def synthetic_passages(n: int = 40) -> list[Passage]:
-    """``n`` passages cycling through varied titles/texts (unicode, numbers, punctuation, empty titles)."""
-    return [
-        Passage(id=f"p{i}", title=TEXTS[i % len(TEXTS)][0], text=f"{TEXTS[i % len(TEXTS)][1]} Fact {i}.")
-        for i in range(n)
-    ]
-
-
-def make_gen_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
-    """The project's byte-level BPE generator tokenizer, trained on the synthetic texts."""
-    texts = [f"{t} / {x}" for t, x in TEXTS] * 5 + ["Who is the capital? What is the number of Oxygen?"]
-    return train_generator_tokenizer(texts, directory, vocab_size=1000, min_frequency=1)
-
-
-def ctx_tokenizer() -> BertTokenizerFast:
-    return BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
 
 
 @pytest.fixture(scope="module")
-def gen_tok(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+def gen_tok(tmp_path_factory: pytest.TempPathFactory, make_gen_tokenizer) -> PreTrainedTokenizerFast:
     return make_gen_tokenizer(tmp_path_factory.mktemp("gen_tok"))
 
 
 @pytest.fixture(scope="module")
-def built(gen_tok: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> CorpusStore:
+def built(
+    gen_tok: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory, synthetic_passages, ctx_tokenizer
+) -> CorpusStore:
     out = tmp_path_factory.mktemp("stores") / "s"
     return CorpusStore.build(synthetic_passages(), gen_tok, ctx_tokenizer(), out, ctx_max_length=24)
 
 
-def test_strings_round_trip_and_ids(built: CorpusStore) -> None:
+def test_strings_round_trip_and_ids(built: CorpusStore, synthetic_passages) -> None:
     passages = synthetic_passages()
     store = CorpusStore.open(built.dir)
     assert len(store) == len(passages)
@@ -68,7 +39,7 @@ def test_strings_round_trip_and_ids(built: CorpusStore) -> None:
 
 
 def test_gen_tokens_are_the_passage_as_placed_after_a_question(
-    built: CorpusStore, gen_tok: PreTrainedTokenizerFast
+    built: CorpusStore, gen_tok: PreTrainedTokenizerFast, synthetic_passages
 ) -> None:
     for row, p in enumerate(synthetic_passages()):
         joined = f" {p.title} / {p.text}" if p.title else f" {p.text}"
@@ -78,7 +49,7 @@ def test_gen_tokens_are_the_passage_as_placed_after_a_question(
         assert piece_ids(gen_tok, joined) == expected
 
 
-def test_ctx_tokens_are_dpr_input_truncated(built: CorpusStore) -> None:
+def test_ctx_tokens_are_dpr_input_truncated(built: CorpusStore, synthetic_passages, ctx_tokenizer) -> None:
     tok = ctx_tokenizer()
     for row, p in enumerate(synthetic_passages()):
         args = (p.title, p.text) if p.title else (p.text,)
@@ -102,14 +73,16 @@ def test_manifest_records_inputs(built: CorpusStore, gen_tok: PreTrainedTokenize
     assert not list(built.dir.parent.glob(".s.tmp-*"))
 
 
-def test_tokenizer_fingerprint_ignores_call_state(gen_tok: PreTrainedTokenizerFast) -> None:
+def test_tokenizer_fingerprint_ignores_call_state(gen_tok: PreTrainedTokenizerFast, ctx_tokenizer) -> None:
     before = tokenizer_fingerprint(gen_tok)
     gen_tok(["some text"], truncation=True, max_length=3, padding="max_length")
     assert tokenizer_fingerprint(gen_tok) == before
     assert tokenizer_fingerprint(ctx_tokenizer()) != before
 
 
-def test_source_hash_and_content_hash(gen_tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_source_hash_and_content_hash(
+    gen_tok: PreTrainedTokenizerFast, tmp_path: Path, synthetic_passages, ctx_tokenizer
+) -> None:
     a = CorpusStore.build(synthetic_passages(5), gen_tok, ctx_tokenizer(), tmp_path / "a")
     b = CorpusStore.build(synthetic_passages(6), gen_tok, ctx_tokenizer(), tmp_path / "b")
     c = CorpusStore.build(synthetic_passages(5), gen_tok, ctx_tokenizer(), tmp_path / "c", source_hash="abc")
@@ -122,7 +95,9 @@ def test_separator_pieces_use_the_stored_tokenizer(
     assert built.gen_piece_ids(" // ") == gen_tok(" //", add_special_tokens=False)["input_ids"]
 
 
-def test_bad_inputs_and_damaged_stores(gen_tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_bad_inputs_and_damaged_stores(
+    gen_tok: PreTrainedTokenizerFast, tmp_path: Path, synthetic_passages, ctx_tokenizer
+) -> None:
     tok = ctx_tokenizer()
     dup = [Passage("x", "t", "a"), Passage("x", "t", "b")]
     with pytest.raises(ValueError, match="'x' occurs twice"):

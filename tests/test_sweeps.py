@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from test_distributed import rag_train, tiny_cli_overrides
 
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.ddp import hydra_job_command
@@ -85,11 +84,11 @@ def test_slurm_and_joblib_launchers_compose() -> None:
 
 
 # ------------------------------------------------------------------------------------------ real sweeps
-def test_multirun_with_ddp_trains_each_job_once(tmp_path: Path) -> None:
+def test_multirun_with_ddp_trains_each_job_once(tmp_path: Path, rag_train, tiny_overrides) -> None:
     rag_train(
         tmp_path,
         "-m",
-        *tiny_cli_overrides(tmp_path),
+        *tiny_overrides(tmp_path),
         "trainer=ddp_cpu",
         "logger=many",
         "model.optim.lr=0.001,0.002",
@@ -115,11 +114,11 @@ def test_multirun_with_ddp_trains_each_job_once(tmp_path: Path) -> None:
     assert len(runs) == 2
 
 
-def test_optuna_two_trials_in_parallel_with_joblib(tmp_path: Path) -> None:
+def test_optuna_two_trials_in_parallel_with_joblib(tmp_path: Path, rag_train, tiny_overrides) -> None:
     rag_train(
         tmp_path,
         "hparams_search=optuna",
-        *tiny_cli_overrides(tmp_path),
+        *tiny_overrides(tmp_path),
         "logger=csv",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
