@@ -62,16 +62,46 @@ def test_eval_reproduces_the_test_stage(tmp_path, tiny_train_config, eval_config
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/em"] == pytest.approx(results["test/em"])
 
 
-def test_resume_continues_steps_and_optimizer_state(tmp_path, tiny_train_config):
-    run = tmp_path / "run"
-    train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "test=false", "export=false"))
-    first = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert first["global_step"] == 2
-    train(tiny_train_config(tmp_path, "trainer.max_epochs=2", "test=false", "export=false", "ckpt_path=last"))
-    second = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert second["global_step"] == 4 and second["epoch"] == 1
-    steps = [s["step"] for s in second["optimizer_states"][0]["state"].values()]
-    assert all(int(s) == 4 for s in steps)  # Adam's step counters went on from 2, not from 0
+def test_resume_runs_only_the_remaining_steps_and_ends_as_an_uninterrupted_run(tmp_path, tiny_train_config, monkeypatch):
+    """A run that dies in its second of 3 steps, resumed from last.ckpt with the same config, runs the 2 steps that
+    remained and ends with the weights and Adam moments of a run that went through (one batch of all 8 questions
+    per epoch and no dropout, so no random state enters the comparison)."""
+    from rag_lightning.models.module import RagModule
+
+    steps, die_at = [], []
+    step = RagModule.training_step
+
+    def counted(self, *args):
+        if self.global_step in die_at:
+            raise RuntimeError("killed")
+        steps.append(self.global_step)
+        return step(self, *args)
+
+    monkeypatch.setattr(RagModule, "training_step", counted)
+    common = ("loader.global_batch_size=8", "model.freeze_question_encoder=true", "test=false", "export=false",
+              "trainer.max_epochs=3")
+    train(tiny_train_config(tmp_path / "a", *common))
+    assert steps == [0, 1, 2]
+    steps.clear()
+    die_at.append(1)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_train_config(tmp_path / "b", *common))
+    die_at.clear()
+    train(tiny_train_config(tmp_path / "b", *common, "ckpt_path=last"))
+    assert steps == [0, 1, 2]  # step 0, the crash, then only the 2 steps that remained
+    whole, resumed = (
+        torch.load(tmp_path / run / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        for run in ("a", "b")
+    )
+    assert resumed["global_step"] == whole["global_step"] == 3
+    for name, tensor in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    moments = list(zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()))
+    assert moments
+    for w, r in moments:
+        assert int(w["step"]) == int(r["step"]) == 3
+        torch.testing.assert_close(r["exp_avg"], w["exp_avg"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(r["exp_avg_sq"], w["exp_avg_sq"], rtol=1e-5, atol=1e-10)
 
 
 def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, tiny_train_config):

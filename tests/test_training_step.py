@@ -58,10 +58,20 @@ def _rag_pieces(module, batch: dict, n_docs: int, *, aligned: bool = True):
     return logits, doc_scores
 
 
+def _sharpen(module) -> None:
+    """Large random weights: a freshly initialised tiny model predicts almost the same near-uniform tokens
+    from every passage, where the two marginalisations (and aligned vs misaligned targets) barely differ."""
+    with torch.no_grad():
+        for p in [*module.generator.parameters(), *module.question_encoder.parameters()]:
+            if p.ndim > 1:
+                p.normal_(0.0, 0.3)
+
+
 @pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
 def test_the_step_trains_with_its_modes_loss_on_aligned_targets(tiny_module, mode):
     module, batch = tiny_module(f"model={mode}", "model.question_encoder_warmup_steps=0")
     module.eval()
+    _sharpen(module)
     loss = module.training_step(batch, 0)
     pad = module.tokenizer.pad_token_id
     labels = batch["labels"]
@@ -80,12 +90,12 @@ def test_the_step_trains_with_its_modes_loss_on_aligned_targets(tiny_module, mod
     logits, doc_scores = _rag_pieces(module, batch, n_docs)
     token = rag_token_nll(logits, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
     sequence = rag_sequence_nll(logits, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
-    assert not torch.allclose(token, sequence, atol=1e-4)  # the batch tells the two losses apart
+    assert abs(token.item() - sequence.item()) > 1e-3  # the batch tells the two losses apart
     torch.testing.assert_close(loss, token if mode == "rag_token" else sequence, rtol=1e-5, atol=1e-6)
     # ... and it tells aligned targets from misaligned ones
     tiled, _ = _rag_pieces(module, batch, n_docs, aligned=False)
     misaligned = rag_token_nll(tiled, doc_scores, labels, pad_token_id=pad, reduction="token_mean")
-    assert not torch.allclose(misaligned, token, atol=1e-4)
+    assert abs(misaligned.item() - token.item()) > 1e-3
 
 
 def _encoder_grads(module) -> dict[str, torch.Tensor | None]:
