@@ -158,3 +158,44 @@ def test_predict_answers_with_the_passages_used(tmp_path, capsys, tiny_train_con
     assert abs(sum(p["p"] for p in records[0]["passages"]) - 1.0) < 1e-3
     assert "Q: What is the capital of Hyrule?" in capsys.readouterr().out
     assert (tmp_path / "predict" / "predictions.jsonl").is_file()
+
+
+def _normalise(text: str) -> str:
+    """SQuAD's answer normalisation, written out again here so the test does not reuse the code it checks."""
+    text = "".join(c for c in text.lower() if c.isalnum() or c.isspace())
+    return " ".join(w for w in text.split() if w not in {"a", "an", "the"})
+
+
+def test_a_run_that_learns_reports_the_metrics_of_its_predictions(tmp_path, tiny_train_config):
+    """Tested on the questions it trained on, a tiny generator reading MiniLM's passages learns to answer some of
+    them; metrics.json equals what its predictions and the QA file's gold passages give when counted by hand.
+    Two questions name the other passage of their country as gold, so recall is not trivially 1 either."""
+    train_file = tmp_path / "data" / "train.jsonl"
+    cfg = tiny_train_config(
+        tmp_path, "trainer.max_epochs=30", "trainer.check_val_every_n_epoch=30", "model.optim.lr=1e-2",
+        "model/question_encoder=minilm", "model.freeze_question_encoder=true", f"data.val_file={train_file}",
+        "export=false",
+    )
+    questions = [json.loads(line) for line in train_file.read_text().splitlines()]
+    for q in questions[:2]:
+        q["gold_passage_ids"] = [q["gold_passage_ids"][0].replace("c", "d")]  # the river passage
+    test_file = tmp_path / "test_gold.jsonl"
+    test_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    cfg.data.test_file = str(test_file)
+    results = train(cfg)
+    gold = {q["id"]: q for q in questions}
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions_test.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(gold)
+    em = [float(_normalise(r["prediction"]) in {_normalise(a) for a in gold[r["id"]]["answers"]}) for r in records]
+    hits = [[p["id"] in gold[r["id"]]["gold_passage_ids"] for p in r["passages"]] for r in records]
+    expected = {
+        "test/em": sum(em) / len(em),
+        "test/recall@1": sum(h[0] for h in hits) / len(hits),
+        "test/recall@2": sum(any(h[:2]) for h in hits) / len(hits),
+        "test/mrr": sum(next((1 / (i + 1) for i, h in enumerate(row) if h), 0.0) for row in hits) / len(hits),
+    }
+    assert expected["test/em"] > 0 and 0 < expected["test/recall@1"] < 1  # it learned; recall is not trivial
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6) == results[key], key
+    assert metrics["test/em"] <= metrics["test/f1"] <= 1
