@@ -40,6 +40,8 @@ from rag_lightning.files import write_json_atomic, write_text_atomic
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "config_resolved.yaml"
+# keys older runs saved that nothing reads any more (removed from the configs; dropped when a run is reloaded)
+RETIRED_KEYS = ("model.question_encoder.max_length",)
 # the config groups and keys that decide what rag-index builds (the rest of a run's overrides do not)
 INDEX_OVERRIDE_PREFIXES = ("data", "index", "model/question_encoder", "model.question_encoder", "paths")
 
@@ -348,6 +350,11 @@ def run_config(ckpt_path: str | Path, overrides: DictConfig) -> DictConfig:
         raise ConfigError(f"{saved} not found: ckpt_path must be a checkpoint inside a rag-train run directory")
     cfg = OmegaConf.load(saved)
     OmegaConf.set_struct(cfg, False)
+    for key in RETIRED_KEYS:  # runs saved before a key was retired still evaluate
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if node is not None and leaf in node:
+            node.pop(leaf)
     return OmegaConf.merge(cfg, _non_null(OmegaConf.to_container(overrides, resolve=True)))
 
 

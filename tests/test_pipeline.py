@@ -199,3 +199,22 @@ def test_a_run_that_learns_reports_the_metrics_of_its_predictions(tmp_path, tiny
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6) == results[key], key
     assert metrics["test/em"] <= metrics["test/f1"] <= 1
+
+
+def test_runs_saved_with_a_retired_key_still_reload(tmp_path):
+    """`model.question_encoder.max_length` was in every saved config until it was retired (read nowhere)."""
+    from hydra import compose, initialize_config_dir
+
+    from rag_lightning.conf_path import CONFIG_DIR
+    from rag_lightning.pipeline import RESOLVED_CONFIG, run_config, sections
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/x"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["model"]["question_encoder"]["max_length"] = 64
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / RESOLVED_CONFIG)
+    reloaded = run_config(tmp_path / "checkpoints" / "last.ckpt", OmegaConf.create({"model": {"n_docs": 3}}))
+    assert "max_length" not in reloaded.model.question_encoder and reloaded.model.n_docs == 3
+    assert sections(reloaded).model.question_encoder.kind == "minilm"
