@@ -18,7 +18,7 @@ LAYERS = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
-    ("pipeline", {"pipeline", "callbacks", "ddp"}),
+    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking"}),
     ("entry points", {"prepare", "index", "train", "eval", "predict"}),
 ]
 
