@@ -19,7 +19,7 @@ LAYERS = [
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
     ("pipeline", {"pipeline", "callbacks", "ddp", "tracking"}),
-    ("entry points", {"prepare", "index", "train", "eval", "predict"}),
+    ("entry points", {"prepare", "index", "train", "eval", "predict", "report"}),
 ]
 
 
