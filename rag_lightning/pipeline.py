@@ -284,8 +284,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export") and trainer.is_global_zero:
             if best and not splits:
                 module.load_state_dict(load_state_dict(best))
-            export_dir = module.export_pretrained(output_dir / "checkpoints" / "hf")
-            log.info("exported question encoder and generator to %s", export_dir)
+            from rag_lightning.export import export_run
+
+            export_dir = export_run(
+                module,
+                output_dir / "checkpoints" / "hf",
+                data=s.data,
+                model=s.model,
+                max_question_length=s.max_question_length,
+                metrics=results,
+                overrides=job_overrides(cfg),
+                run_dir=output_dir,
+                steps=trainer.global_step,
+            )
+            log.info("exported question encoder and generator, their tokenizers and a model card to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)
         if trainer.is_global_zero:
             from rag_lightning.tracking import log_run_files

@@ -18,7 +18,7 @@ LAYERS = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
-    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking"}),
+    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export"}),
     ("entry points", {"prepare", "index", "train", "eval", "predict", "report"}),
 ]
 

@@ -258,6 +258,7 @@ STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+.scroll { overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child, td.text { text-align: left; }
 tr.best td { background: #e8f5e9; font-weight: 600; }
@@ -304,7 +305,8 @@ def to_html(report: Report) -> str:
     out += [f'<p class="note">{_e(n)}</p>' for n in report.notes]
     header, rows = runs_rows(report)
     best_rows = {0} if best is not None else set()
-    out += ["<h2>Runs</h2>", html_table(header, rows, best_rows, text_cols=2 + len(report.setting_keys))]
+    out += ["<h2>Runs</h2>", '<div class="scroll">', html_table(header, rows, best_rows, text_cols=2 + len(report.setting_keys)),
+            "</div>"]
     out += ["<details><summary>All metrics</summary>", html_table(*all_metrics_rows(report)), "</details>"]
     out += ["<h2>Curves</h2>", _img(report, "curves", "validation and training curves")]
     if report.breakdown_run is not None:
