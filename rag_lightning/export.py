@@ -37,6 +37,8 @@ def export_run(
     overrides: list[str],
     run_dir: Path,
     steps: int,
+    checkpoint: str | None = None,
+    index_command: str | None = None,
 ) -> Path:
     """Save both models with their tokenizers and write the model card; returns the export directory."""
     directory = module.export_pretrained(
@@ -51,6 +53,8 @@ def export_run(
         run_dir=run_dir,
         steps=steps,
         max_question_length=max_question_length,
+        checkpoint=checkpoint,
+        index_command=index_command,
     )
     write_text_atomic(directory / "README.md", card)
     return directory
@@ -79,6 +83,8 @@ def model_card(
     run_dir: Path,
     steps: int,
     max_question_length: int,
+    checkpoint: str | None = None,
+    index_command: str | None = None,
 ) -> str:
     mode = model.mode.value if hasattr(model.mode, "value") else str(model.mode)
     copy = generator_class != "BartForConditionalGeneration"
@@ -99,9 +105,11 @@ def model_card(
         f"# {mode.replace('_', '-')} model trained with rag_lightning",
         "",
         f"Exported by `rag-train` on {dt.date.today().isoformat()} from the run `{run_dir}` after {steps} training "
-        f"steps. Retrieval-Augmented Generation (Lewis et al., 2020), `{mode}`: the question encoder scores the "
-        f"passages of a corpus, the generator reads the question with each of the top {model.eval_docs} passages "
-        "and the answers are marginalised over them.",
+        "steps. "
+        + (f"Retrieval-Augmented Generation (Lewis et al., 2020), `{mode}`: the question encoder scores the passages "
+           f"of a corpus, the generator reads the question with each of the top {model.eval_docs} passages and the "
+           "answers are marginalised over them." if model.retrieves else
+           "Closed book: the generator answers from the question alone (the question encoder is exported untrained)."),
         "",
         f"Command: `{command}`",
         "",
@@ -141,9 +149,11 @@ def model_card(
         generator_load,
         "```",
         "",
-        "The passages are not in this directory: they come from the corpus above through a FAISS index of the "
-        "context encoder's vectors (`rag-index` with the run's data and encoder overrides builds it). The generator "
-        "reads `question // title / text` per passage. Answers with their passages: "
-        f"`rag-predict ckpt_path={run_dir}/checkpoints/last.ckpt question=\"...\"`.",
+        ("The passages are not in this directory: they come from the corpus above through a FAISS index of the "
+         "context encoder's vectors"
+         + (f" (`{index_command}` builds it)" if index_command else "")
+         + ". The generator reads `question // title / text` per passage." if model.retrieves else "")
+        + (f' Answers{" with their passages" if model.retrieves else ""}: '
+           f'`rag-predict ckpt_path={checkpoint} question="..."`.' if checkpoint else ""),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).strip() + "\n"

@@ -296,6 +296,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 overrides=job_overrides(cfg),
                 run_dir=output_dir,
                 steps=trainer.global_step,
+                checkpoint=best,
+                index_command=rebuild_command(cfg) if s.model.retrieves else None,
             )
             log.info("exported question encoder and generator, their tokenizers and a model card to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)

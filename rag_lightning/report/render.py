@@ -14,6 +14,7 @@ from rag_lightning.report.runs import Run, lower_is_better, natural_key
 CURVES = ("val/em", "val/recall@1", "val/loss", "train/loss")
 MAIN_METRICS = ("em", "f1", "recall@", "loss")  # per split, in the runs table (all of them in the full table)
 BEST = "★"
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 @dataclass
@@ -101,8 +102,10 @@ def curves_figure(runs: list[Run], metrics: tuple[str, ...] = CURVES) -> Any:
                 continue
             steps, values = zip(*points)
             many = len(points) > 40
-            ax.plot(steps, values, label=run.name, color=colours(i % colours.N), marker=None if many else "o",
-                    markersize=4, linewidth=1.2)
+            # hollow markers of falling size per run: runs with equal values stay visible, one inside the other
+            ax.plot(steps, values, label=run.name, color=colours(i % colours.N), linewidth=1.2,
+                    marker=None if many else MARKERS[i % len(MARKERS)], markersize=max(8 - 1.5 * (i % 4), 3),
+                    markerfacecolor="none", markeredgewidth=1.3)
             plotted = True
         if not plotted:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
