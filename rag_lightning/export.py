@@ -12,8 +12,19 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.config import DataConfig, ModelConfig, QuestionEncoderConfig
+from rag_lightning.config import ConfigError, DataConfig, ModelConfig, QuestionEncoderConfig
 from rag_lightning.files import write_text_atomic
+
+
+def check_rag_export(model: ModelConfig) -> None:
+    """`export_rag=true` needs what transformers' RAG classes hold: retrieval, and a plain BART generator."""
+    if not model.retrieves:
+        raise ConfigError("export_rag=true: a closed-book model has no transformers RAG form; drop export_rag")
+    if model.generator.copy:
+        raise ConfigError(
+            "export_rag=true: transformers' RAG would load the copy head's generator as plain BART and drop the "
+            "head; pass model.generator.copy=false, or drop export_rag (checkpoints/hf/ holds both models)"
+        )
 
 
 def export_question_tokenizer(encoder: QuestionEncoderConfig, max_question_length: int) -> Any:
@@ -39,11 +50,26 @@ def export_run(
     steps: int,
     checkpoint: str | None = None,
     index_command: str | None = None,
+    rag: bool = False,
 ) -> Path:
-    """Save both models with their tokenizers and write the model card; returns the export directory."""
-    directory = module.export_pretrained(
-        directory, question_tokenizer=export_question_tokenizer(model.question_encoder, max_question_length)
-    )
+    """Save both models with their tokenizers and write the model card; with ``rag``, also a transformers RAG
+    checkpoint in `rag/`. Returns the export directory."""
+    question_tokenizer = export_question_tokenizer(model.question_encoder, max_question_length)
+    directory = module.export_pretrained(directory, question_tokenizer=question_tokenizer)
+    if rag:
+        from rag_lightning.models.rag_checkpoint import save_rag
+
+        save_rag(
+            module.question_encoder,
+            module.generator,
+            question_tokenizer,
+            module.tokenizer,
+            directory / "rag",
+            mode=model.mode.value if hasattr(model.mode, "value") else str(model.mode),
+            n_docs=model.eval_docs,
+            label_smoothing=model.label_smoothing,
+            exclude_bos_score=model.exclude_bos_score,
+        )
     card = model_card(
         data=data,
         model=model,
@@ -55,6 +81,7 @@ def export_run(
         max_question_length=max_question_length,
         checkpoint=checkpoint,
         index_command=index_command,
+        rag=rag,
     )
     write_text_atomic(directory / "README.md", card)
     return directory
@@ -85,6 +112,7 @@ def model_card(
     max_question_length: int,
     checkpoint: str | None = None,
     index_command: str | None = None,
+    rag: bool = False,
 ) -> str:
     mode = model.mode.value if hasattr(model.mode, "value") else str(model.mode)
     copy = generator_class != "BartForConditionalGeneration"
@@ -120,6 +148,8 @@ def model_card(
         f"| `generator/` | the BART generator and its tokenizer | `{generator_class}`"
         + (" (`rag_lightning.models.copy_generator`: BART with a pointer-generator copy head)" if copy else "")
         + ", `AutoTokenizer` |",
+        *([f"| `rag/` | the same models as a transformers RAG checkpoint, with `RagTokenizer` | "
+           f"`{'RagTokenForGeneration' if mode == 'rag_token' else 'RagSequenceForGeneration'}` |"] if rag else []),
         "",
         "## Trained on",
         "",

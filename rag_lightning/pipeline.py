@@ -263,6 +263,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with cleaned_on_user_error(output_dir):
+            if cfg.get("export") and cfg.get("export_rag"):
+                from rag_lightning.export import check_rag_export
+
+                check_rag_export(sections(cfg).model)
             s, module, datamodule = setup(cfg)
             ckpt_path = resolve_ckpt_path(cfg)
         group_sweep_runs(cfg)
@@ -298,6 +302,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 steps=trainer.global_step,
                 checkpoint=best,
                 index_command=rebuild_command(cfg) if s.model.retrieves else None,
+                rag=bool(cfg.get("export_rag")),
             )
             log.info("exported question encoder and generator, their tokenizers and a model card to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)

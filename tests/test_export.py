@@ -1,5 +1,6 @@
 """Exports that work on their own: from `checkpoints/hf` alone, plain transformers (no rag_lightning import)
-reproduces the framework's question vectors, following the model card's own instructions."""
+reproduces the framework's question vectors, following the model card's own instructions; `export_rag=true`
+adds a transformers RAG checkpoint (its losses and answers: tests/test_rag_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ PLAIN = textwrap.dedent(
 
 
 def test_export_alone_reproduces_question_vectors(tmp_path) -> None:
-    results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1"))
+    results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "export_rag=true"))
     run = tmp_path / "run"
     export = run / "checkpoints" / "hf"
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= {
@@ -74,6 +75,15 @@ def test_export_alone_reproduces_question_vectors(tmp_path) -> None:
     row = re.search(r"^\| test \| (.*) \|$", card, re.M).group(1).split(" | ")
     assert float(row[0]) == pytest.approx(results["test/em"], abs=5e-5)  # em, the first column
     assert "DPRQuestionEncoder" in card and "`BartForConditionalGeneration`" in card
+
+    # export_rag=true: the same models as a transformers RAG checkpoint with its tokenizers
+    from transformers import DPRQuestionEncoder, RagTokenForGeneration, RagTokenizer
+
+    rag = RagTokenForGeneration.from_pretrained(export / "rag")
+    assert rag.config.n_docs == 2 and "`RagTokenForGeneration`" in card
+    plain = DPRQuestionEncoder.from_pretrained(export / "question_encoder").state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in rag.rag.question_encoder.state_dict().items())
+    assert RagTokenizer.from_pretrained(str(export / "rag")).question_encoder.model_max_length == 64
 
 
 def test_model_card_names_the_copy_head(tmp_path) -> None:
