@@ -102,14 +102,14 @@ class TinyEncoderConfig:
     seed: int = 0
 
 
-ENCODER_KINDS = ("minilm", "dpr", "tiny", "path")
+ENCODER_KINDS = ("minilm", "dpr", "tiny", "path", "rag")
 
 
 @dataclass
 class QuestionEncoderConfig:
     """`model.question_encoder`: the DPR question and context encoders (one group for both)."""
 
-    kind: str = "minilm"  # minilm | dpr | tiny | path
+    kind: str = "minilm"  # minilm | dpr | tiny | path | rag (a transformers RAG checkpoint)
     question_name_or_path: str | None = None
     context_name_or_path: str | None = None
     ctx_max_length: int = 128  # passage tokens for the context encoder ([CLS] title [SEP] text [SEP])
@@ -122,14 +122,20 @@ class QuestionEncoderConfig:
             for which in ("question", "context"):
                 if not getattr(self, f"{which}_name_or_path"):
                     raise ConfigError(f"{prefix}.{which}_name_or_path is required for kind={self.kind}")
+        if self.kind == "rag" and not self.question_name_or_path:
+            raise ConfigError(
+                f"{prefix}.question_name_or_path is required for kind=rag (a RagTokenForGeneration or "
+                "RagSequenceForGeneration directory or hub name)"
+            )
 
 
-GENERATOR_KINDS = ("random", "pretrained")
+GENERATOR_KINDS = ("random", "pretrained", "rag")
 
 
 @dataclass
 class GeneratorConfig:
-    """`model.generator`: BART from scratch (`random`, architecture in `config`) or `pretrained`."""
+    """`model.generator`: BART from scratch (`random`, architecture in `config`), `pretrained`, or the generator
+    of a transformers RAG checkpoint (`rag`)."""
 
     kind: str = "random"
     copy: bool = False  # pointer-generator copy head (models/copy_generator.py)
@@ -137,7 +143,7 @@ class GeneratorConfig:
     copy_continuation_bigram: bool = False  # with copy: the same on the last two tokens emitted
     question_match: bool = False  # with copy: DrQA's exact-match feature between question and passage
     question_match_unique: bool = False  # with question_match: a mark for a token that occurs once
-    name_or_path: str | None = None  # pretrained: a hub name or a save_pretrained directory
+    name_or_path: str | None = None  # pretrained: a hub name or a save_pretrained directory; rag: a RAG checkpoint
     tokenizer: str | None = None  # a tokenizer directory; None: the pretrained model's own
     config: dict[str, Any] = field(default_factory=dict)  # random: BartConfig arguments
 
@@ -148,8 +154,8 @@ class GeneratorConfig:
                 raise ConfigError(f"{prefix}.{key}=true needs {prefix}.copy=true")
         if self.question_match_unique and not self.question_match:
             raise ConfigError(f"{prefix}.question_match_unique=true needs {prefix}.question_match=true")
-        if self.kind == "pretrained" and not self.name_or_path:
-            raise ConfigError(f"{prefix}.name_or_path is required for kind=pretrained")
+        if self.kind in ("pretrained", "rag") and not self.name_or_path:
+            raise ConfigError(f"{prefix}.name_or_path is required for kind={self.kind}")
         if self.kind == "random" and not self.tokenizer:
             raise ConfigError(f"{prefix}.tokenizer is required for kind=random (a tokenizer directory)")
 

@@ -20,12 +20,17 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` under a temporary name, fsync, then rename: a reader sees the old file or the new one."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` under a temporary name, fsync, then rename: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -78,15 +78,20 @@ def sections(cfg: DictConfig) -> Sections:
     )
 
 
-def rebuild_command(cfg: DictConfig) -> str:
-    """The `rag-index` command that builds what this config retrieves from: the overrides of this job that
-    concern the data, the index and the encoders (a resumed or evaluated run: the ones it was trained with)."""
+def job_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides this job was started with (a resumed or evaluated run: the ones it was trained with)."""
     overrides = cfg.get("hydra_overrides")
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if o.lstrip("+~").startswith(INDEX_OVERRIDE_PREFIXES)]
+    return [str(o) for o in overrides]
+
+
+def rebuild_command(cfg: DictConfig) -> str:
+    """The `rag-index` command that builds what this config retrieves from: the overrides of this job that
+    concern the data, the index and the encoders (a resumed or evaluated run: the ones it was trained with)."""
+    kept = [o for o in job_overrides(cfg) if o.lstrip("+~").startswith(INDEX_OVERRIDE_PREFIXES)]
     chosen = [
         f"data={cfg.data.name}",
         f"index={cfg.index.type}",
@@ -222,6 +227,26 @@ def group_sweep_runs(cfg: DictConfig) -> None:
     wandb_cfg.tags = [*(wandb_cfg.get("tags") or []), *(o[:64] for o in overrides)]  # wandb's tag limit: 64
 
 
+def name_mlflow_run(cfg: DictConfig) -> None:
+    """`logger=mlflow`: a sweep's jobs under one experiment, each run named; the local store's directory made."""
+    mlflow_cfg = (cfg.get("logger") or {}).get("mlflow")
+    if not mlflow_cfg:
+        return
+    from rag_lightning.tracking import configure_mlflow
+
+    base = str(cfg.get("experiment_name") or cfg.get("task_name") or "run")
+    configure_mlflow(mlflow_cfg, base, Path(cfg.paths.output_dir), sweep_job())
+
+
+def report_hint(output_dir: Path) -> str:
+    """The rag-report command for this run (and, for a sweep's job, the one for its whole sweep)."""
+    lines = [f"report: rag-report {output_dir}"]
+    job = sweep_job()
+    if job is not None:
+        lines.append(f"report of the whole sweep (when its jobs are done): rag-report {job[0]}")
+    return "\n".join(lines)
+
+
 def finish_loggers() -> None:
     """Close the wandb run whatever happened, so one failed job does not spoil a sweep."""
     try:
@@ -240,12 +265,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with cleaned_on_user_error(output_dir):
+            if cfg.get("export") and cfg.get("export_rag"):
+                from rag_lightning.export import check_rag_export
+
+                check_rag_export(sections(cfg).model)
             s, module, datamodule = setup(cfg)
             ckpt_path = resolve_ckpt_path(cfg)
         group_sweep_runs(cfg)
+        name_mlflow_run(cfg)
         save_resolved_config(cfg, output_dir)
         trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
         log_effective_batch(trainer, s.loader)
+        if trainer.is_global_zero:
+            from rag_lightning.tracking import log_overrides
+
+            log_overrides(trainer.loggers, job_overrides(cfg))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best = best_checkpoint(trainer)
@@ -256,12 +290,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export") and trainer.is_global_zero:
             if best and not splits:
                 module.load_state_dict(load_state_dict(best))
-            export_dir = module.export_pretrained(output_dir / "checkpoints" / "hf")
-            log.info("exported question encoder and generator to %s", export_dir)
+            from rag_lightning.export import export_run
+
+            export_dir = export_run(
+                module,
+                output_dir / "checkpoints" / "hf",
+                data=s.data,
+                model=s.model,
+                max_question_length=s.max_question_length,
+                metrics=results,
+                overrides=job_overrides(cfg),
+                run_dir=output_dir,
+                steps=trainer.global_step,
+                checkpoint=best,
+                index_command=rebuild_command(cfg) if s.model.retrieves else None,
+                rag=bool(cfg.get("export_rag")),
+            )
+            log.info("exported question encoder and generator, their tokenizers and a model card to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)
         if trainer.is_global_zero:
+            from rag_lightning.tracking import log_run_files
+
             write_json_atomic(output_dir / "metrics.json", dict(sorted(results.items())))
+            log_run_files(trainer.loggers, output_dir, {"time/total_s": results["time/total_s"]}, trainer.global_step)
             print_results(results, output_dir, splits, produced=_produced(output_dir))
+            print(report_hint(output_dir))
         return results
     finally:
         finish_loggers()

@@ -105,6 +105,14 @@ def _name_or_path(cfg: QuestionEncoderConfig, which: Which) -> str:
 
 def _build(cfg: QuestionEncoderConfig, which: Which) -> DPRQuestionEncoder | DPRContextEncoder:
     cls = DPRQuestionEncoder if which == "question" else DPRContextEncoder
+    if cfg.kind == "rag":
+        from rag_lightning.models.rag_checkpoint import context_encoder_like, rag_question_encoder
+
+        if which == "context" and cfg.context_name_or_path:
+            name = cfg.context_name_or_path
+            return DPRContextEncoder.from_pretrained(name, local_files_only=Path(name).is_dir()).eval()
+        question = rag_question_encoder(_name_or_path(cfg, "question"))
+        return question if which == "question" else context_encoder_like(question)
     if cfg.kind in ("dpr", "path"):
         return cls.from_pretrained(_name_or_path(cfg, which), local_files_only=cfg.kind == "path")
     if cfg.kind == "minilm":
@@ -132,7 +140,15 @@ def build_context_encoder(cfg: QuestionEncoderConfig) -> DPRContextEncoder:
 
 
 def load_encoder_tokenizer(cfg: QuestionEncoderConfig, which: Which = "question") -> PreTrainedTokenizerFast:
-    """The WordPiece tokenizer of the encoders (MiniLM's uncased vocab for ``minilm`` and ``tiny``)."""
+    """The WordPiece tokenizer of the encoders (MiniLM's uncased vocab for ``minilm`` and ``tiny``; a RAG
+    checkpoint's question encoder tokenizer for ``rag``, unless a context encoder of its own is named)."""
+    if cfg.kind == "rag":
+        if which == "context" and cfg.context_name_or_path:
+            name = cfg.context_name_or_path
+            return AutoTokenizer.from_pretrained(name, local_files_only=Path(name).is_dir())
+        from rag_lightning.models.rag_checkpoint import rag_tokenizer
+
+        return rag_tokenizer(_name_or_path(cfg, "question"), "question")
     if cfg.kind in ("dpr", "path"):
         return AutoTokenizer.from_pretrained(_name_or_path(cfg, which), local_files_only=cfg.kind == "path")
     return BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
@@ -140,6 +156,9 @@ def load_encoder_tokenizer(cfg: QuestionEncoderConfig, which: Which = "question"
 
 def encoder_name(cfg: QuestionEncoderConfig, which: Which = "context") -> str:
     """A readable name of an encoder for manifests (the fingerprint is what identifies it)."""
+    if cfg.kind == "rag":
+        context = cfg.context_name_or_path if which == "context" else None
+        return f"rag:{cfg.question_name_or_path}" + (f" (context encoder {context})" if context else "")
     if cfg.kind in ("dpr", "path"):
         return f"{cfg.kind}:{getattr(cfg, f'{which}_name_or_path')}"
     if cfg.kind == "tiny":

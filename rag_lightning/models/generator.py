@@ -16,6 +16,10 @@ def generator_tokenizer(cfg: GeneratorConfig) -> PreTrainedTokenizerBase:
     """The generator's tokenizer: a local tokenizer dir (the world set trains one) or the model's own."""
     if cfg.kind == "pretrained" and not cfg.tokenizer:
         return AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+    if cfg.kind == "rag" and not cfg.tokenizer:
+        from rag_lightning.models.rag_checkpoint import rag_tokenizer
+
+        return rag_tokenizer(cfg.name_or_path, "generator")
     return load_generator_tokenizer(cfg.tokenizer)
 
 
@@ -23,7 +27,8 @@ def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) ->
     """A BART generator whose special-token ids agree with `tokenizer`.
 
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
-    hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory.
+    hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory;
+    `kind: rag` the generator of a transformers RAG checkpoint (models/rag_checkpoint.py).
     The copy head and its features are options of GeneratorConfig (see models/copy_generator.py).
     """
     model_class = CopyBartForConditionalGeneration if cfg.copy else BartForConditionalGeneration
@@ -36,6 +41,10 @@ def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) ->
             extra["question_match_unique"] = True
     if cfg.kind == "pretrained":
         model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
+    elif cfg.kind == "rag":
+        from rag_lightning.models.rag_checkpoint import rag_generator
+
+        model = rag_generator(cfg.name_or_path, model_class, **extra)
     else:
         config = BartConfig(
             vocab_size=len(tokenizer),

@@ -363,10 +363,13 @@ class RagModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- export
-    def export_pretrained(self, directory: str | Path) -> Path:
-        """Save question encoder, generator and tokenizer with save_pretrained (safetensors)."""
+    def export_pretrained(self, directory: str | Path, question_tokenizer: Any = None) -> Path:
+        """Save question encoder and generator with save_pretrained (safetensors), each with its tokenizer:
+        the generator's, and ``question_tokenizer`` (the encoder's, which the module does not hold) when given."""
         directory = Path(directory)
         self.question_encoder.save_pretrained(directory / "question_encoder")
+        if question_tokenizer is not None:
+            question_tokenizer.save_pretrained(directory / "question_encoder")
         self.generator.save_pretrained(directory / "generator")
         self.tokenizer.save_pretrained(directory / "generator")
         return directory

@@ -1,0 +1,189 @@
+"""Exports that work on their own: each model with its tokenizer, and a short model card (README.md).
+
+`rag-train` calls :func:`export_run` after the test: `checkpoints/hf/question_encoder` (DPRQuestionEncoder + the
+encoder's tokenizer), `checkpoints/hf/generator` (BART, or BART with the copy head, + its tokenizer) and
+`checkpoints/hf/README.md`: what the models were trained on, the run's metrics, and how to load them with
+plain transformers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from rag_lightning.config import ConfigError, DataConfig, ModelConfig, QuestionEncoderConfig
+from rag_lightning.files import write_text_atomic
+
+
+def check_rag_export(model: ModelConfig) -> None:
+    """`export_rag=true` needs what transformers' RAG classes hold: retrieval, and a plain BART generator."""
+    if not model.retrieves:
+        raise ConfigError("export_rag=true: a closed-book model has no transformers RAG form; drop export_rag")
+    if model.generator.copy:
+        raise ConfigError(
+            "export_rag=true: transformers' RAG would load the copy head's generator as plain BART and drop the "
+            "head; pass model.generator.copy=false, or drop export_rag (checkpoints/hf/ holds both models)"
+        )
+
+
+def export_question_tokenizer(encoder: QuestionEncoderConfig, max_question_length: int) -> Any:
+    """The question encoder's tokenizer as training used it: truncation at `max_question_length` becomes its
+    `model_max_length`, so `tokenizer(questions, truncation=True)` gives the framework's ids."""
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+
+    tokenizer = load_encoder_tokenizer(encoder, "question")
+    tokenizer.model_max_length = max_question_length
+    return tokenizer
+
+
+def export_run(
+    module: Any,
+    directory: Path,
+    *,
+    data: DataConfig,
+    model: ModelConfig,
+    max_question_length: int,
+    metrics: dict[str, float],
+    overrides: list[str],
+    run_dir: Path,
+    steps: int,
+    checkpoint: str | None = None,
+    index_command: str | None = None,
+    rag: bool = False,
+) -> Path:
+    """Save both models with their tokenizers and write the model card; with ``rag``, also a transformers RAG
+    checkpoint in `rag/`. Returns the export directory."""
+    question_tokenizer = export_question_tokenizer(model.question_encoder, max_question_length)
+    directory = module.export_pretrained(directory, question_tokenizer=question_tokenizer)
+    if rag:
+        from rag_lightning.models.rag_checkpoint import save_rag
+
+        save_rag(
+            module.question_encoder,
+            module.generator,
+            question_tokenizer,
+            module.tokenizer,
+            directory / "rag",
+            mode=model.mode.value if hasattr(model.mode, "value") else str(model.mode),
+            n_docs=model.eval_docs,
+            label_smoothing=model.label_smoothing,
+            exclude_bos_score=model.exclude_bos_score,
+        )
+    card = model_card(
+        data=data,
+        model=model,
+        generator_class=type(module.generator).__name__,
+        metrics=metrics,
+        overrides=overrides,
+        run_dir=run_dir,
+        steps=steps,
+        max_question_length=max_question_length,
+        checkpoint=checkpoint,
+        index_command=index_command,
+        rag=rag,
+    )
+    write_text_atomic(directory / "README.md", card)
+    return directory
+
+
+def _metrics_table(metrics: dict[str, float]) -> list[str]:
+    splits = list(dict.fromkeys(k.split("/", 1)[0] for k in metrics if "/" in k and not k.startswith("time/")))
+    names = ["em", "f1", *sorted({k.split("/", 1)[1] for k in metrics if "/recall@" in k}), "mrr", "loss"]
+    names = [n for n in names if any(f"{s}/{n}" in metrics for s in splits)]
+    if not names:
+        return ["(no metrics: the run was not tested)"]
+    lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for s in splits:
+        lines.append(f"| {s} | " + " | ".join(f"{metrics[f'{s}/{n}']:.4f}" if f"{s}/{n}" in metrics else "–"
+                                             for n in names) + " |")
+    return lines
+
+
+def model_card(
+    *,
+    data: DataConfig,
+    model: ModelConfig,
+    generator_class: str,
+    metrics: dict[str, float],
+    overrides: list[str],
+    run_dir: Path,
+    steps: int,
+    max_question_length: int,
+    checkpoint: str | None = None,
+    index_command: str | None = None,
+    rag: bool = False,
+) -> str:
+    mode = model.mode.value if hasattr(model.mode, "value") else str(model.mode)
+    copy = generator_class != "BartForConditionalGeneration"
+    encoder = model.question_encoder
+    command = " ".join(["rag-train", *overrides])
+    files = [("train", data.train_file), ("validation", data.val_file), ("test", data.test_file),
+             *data.extra_test_files.items(), ("corpus (retrieved passages)", data.corpus_file)]
+    if copy:
+        generator_load = (
+            "from rag_lightning.models.copy_generator import CopyBartForConditionalGeneration\n"
+            'generator = CopyBartForConditionalGeneration.from_pretrained("generator")  # with the copy head\n'
+            '# plain transformers loads the BART weights without the head (the answers then differ):\n'
+            '# BartForConditionalGeneration.from_pretrained("generator")'
+        )
+    else:
+        generator_load = 'generator = BartForConditionalGeneration.from_pretrained("generator")'
+    lines = [
+        f"# {mode.replace('_', '-')} model trained with rag_lightning",
+        "",
+        f"Exported by `rag-train` on {dt.date.today().isoformat()} from the run `{run_dir}` after {steps} training "
+        "steps. "
+        + (f"Retrieval-Augmented Generation (Lewis et al., 2020), `{mode}`: the question encoder scores the passages "
+           f"of a corpus, the generator reads the question with each of the top {model.eval_docs} passages and the "
+           "answers are marginalised over them." if model.retrieves else
+           "Closed book: the generator answers from the question alone (the question encoder is exported untrained)."),
+        "",
+        f"Command: `{command}`",
+        "",
+        "| directory | what | class |",
+        "|---|---|---|",
+        f"| `question_encoder/` | DPR question encoder ({encoder.kind}) and its tokenizer | `DPRQuestionEncoder`, "
+        "`AutoTokenizer` |",
+        f"| `generator/` | the BART generator and its tokenizer | `{generator_class}`"
+        + (" (`rag_lightning.models.copy_generator`: BART with a pointer-generator copy head)" if copy else "")
+        + ", `AutoTokenizer` |",
+        *([f"| `rag/` | the same models as a transformers RAG checkpoint, with `RagTokenizer` | "
+           f"`{'RagTokenForGeneration' if mode == 'rag_token' else 'RagSequenceForGeneration'}` |"] if rag else []),
+        "",
+        "## Trained on",
+        "",
+        f"Data set `{data.name}`:",
+        "",
+        *[f"- {what}: `{path}`" for what, path in files if path],
+        "",
+        "## Metrics",
+        "",
+        "From the run's `metrics.json` (EM/F1 SQuAD-style; recall@k: a gold passage among the top k):",
+        "",
+        *_metrics_table(metrics),
+        "",
+        "## How to load",
+        "",
+        "Question vectors with plain transformers (the vector is DPR's `pooler_output`; the tokenizer truncates "
+        f"at {max_question_length} tokens, as training did):",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer, BartForConditionalGeneration, DPRQuestionEncoder",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("question_encoder")',
+        'encoder = DPRQuestionEncoder.from_pretrained("question_encoder").eval()',
+        'vectors = encoder(**tokenizer(["What is the capital of Chad?"], truncation=True, padding=True,',
+        '                              return_tensors="pt")).pooler_output',
+        'generator_tokenizer = AutoTokenizer.from_pretrained("generator")',
+        generator_load,
+        "```",
+        "",
+        ("The passages are not in this directory: they come from the corpus above through a FAISS index of the "
+         "context encoder's vectors"
+         + (f" (`{index_command}` builds it)" if index_command else "")
+         + ". The generator reads `question // title / text` per passage." if model.retrieves else "")
+        + (f' Answers{" with their passages" if model.retrieves else ""}: '
+           f'`rag-predict ckpt_path={checkpoint} question="..."`.' if checkpoint else ""),
+    ]
+    return "\n".join(lines).strip() + "\n"

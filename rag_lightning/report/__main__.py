@@ -1,0 +1,3 @@
+from rag_lightning.report.cli import main
+
+main()
