@@ -92,14 +92,20 @@ def tiny_world(tmp_path: Path) -> dict[str, str]:
     return write_tiny_world(tmp_path / "data")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides() -> Callable[[Path], list[str]]:
     """``tiny_overrides(root)``: the command-line overrides of `experiment=tiny` on the tiny world under
     root."""
     return tiny_world_overrides
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def write_world() -> Callable[[Path], dict[str, str]]:
+    """``write_world(root)``: write the tiny world's files into ``root`` (for module-scoped fixtures)."""
+    return write_tiny_world
+
+
+@pytest.fixture(scope="session")
 def tiny_train_config() -> Callable[..., DictConfig]:
     """``tiny_train_config(root, *overrides, run_dir=None)``: the composed train config (run dir root/run)."""
     return compose_tiny_train

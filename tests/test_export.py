@@ -14,7 +14,6 @@ import textwrap
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pipeline_helpers import tiny_train_config
 
 from rag_lightning.pipeline import load_trained, run_config, train
 
@@ -44,7 +43,7 @@ PLAIN = textwrap.dedent(
 )
 
 
-def test_export_alone_reproduces_question_vectors(tmp_path) -> None:
+def test_export_alone_reproduces_question_vectors(tmp_path, tiny_train_config) -> None:
     results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "export_rag=true"))
     run = tmp_path / "run"
     export = run / "checkpoints" / "hf"

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import tiny_train_config
 
 from rag_lightning.tracking import override_params
 
@@ -22,7 +21,7 @@ def test_override_params_keep_keys_and_values() -> None:
     }
 
 
-def test_tiny_run_with_mlflow_is_read_back_by_mlflows_client(tmp_path) -> None:
+def test_tiny_run_with_mlflow_is_read_back_by_mlflows_client(tmp_path, tiny_train_config) -> None:
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from omegaconf import open_dict

@@ -157,9 +157,8 @@ def test_export_rag_refuses_what_transformers_cannot_hold() -> None:
         QuestionEncoderConfig(kind="rag").check()
 
 
-def test_rag_train_starts_from_a_rag_checkpoint(tmp_path, tokenizers) -> None:
+def test_rag_train_starts_from_a_rag_checkpoint(tmp_path, tokenizers, tiny_train_config) -> None:
     """The model options end to end: a tiny run whose encoders, generator and tokenizers come from a RAG dir."""
-    from pipeline_helpers import tiny_train_config
 
     from rag_lightning.pipeline import sections, train
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 from omegaconf import open_dict
-from pipeline_helpers import tiny_overrides, tiny_train_config, write_tiny_world
 
 from rag_lightning.report import build_report
 from rag_lightning.report.cli import run as rag_report
@@ -40,12 +39,12 @@ def _add_relations(data: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> dict:
+def sweep(tmp_path_factory, tiny_train_config, tiny_overrides, write_world) -> dict:
     """Two tiny runs with different overrides in one sweep directory (as `rag-train -m` lays them out)."""
     from rag_lightning.pipeline import train
 
     root = tmp_path_factory.mktemp("report")
-    write_tiny_world(root / "data")
+    write_world(root / "data")
     _add_relations(root / "data")
     sweep_dir = root / "sweep"
     printed = {}
