@@ -98,7 +98,8 @@ def test_rag_index_builds_the_store_and_index_then_reuses_them(cli, tmp_path, ti
     index_dir = tmp_path / "cache" / "indexes" / "jsonl-tiny-flat"
     manifest = json.loads((index_dir / "index_manifest.json").read_text())
     assert manifest["passages"] == 24 and manifest["dim"] == 32 and manifest["index_type"] == "flat"
-    assert json.loads((tmp_path / "cache" / "stores" / "jsonl" / "manifest.json").read_text())["passages"] == 24
+    store_manifest = tmp_path / "cache" / "stores" / "jsonl-tiny-ctx64" / "manifest.json"  # conf/index/common.yaml
+    assert json.loads(store_manifest.read_text())["passages"] == 24
     built = {p.name: p.stat().st_mtime_ns for p in index_dir.iterdir()}
     again = cli("rag-index", *overrides, f"hydra.run.dir={tmp_path / 'run2'}")
     assert again.code == 0, again.output[-3000:]
@@ -142,7 +143,11 @@ def test_rag_eval_scores_a_checkpoint_on_any_qa_file(cli, tmp_path, tiny_run):
     assert all(0.0 <= metrics[f"train/{name}"] <= 1.0 for name in RATES)
     predictions = read_jsonl(out / "predictions.jsonl")
     assert [r["id"] for r in predictions] == [r["id"] for r in read_jsonl(train_file)]  # one row per question
-    assert all({"prediction", "passage_ids", "doc_scores"} <= set(r) for r in predictions)
+    assert all({"prediction", "passages"} <= set(r) for r in predictions)  # the record rag-predict writes too
+    for record in predictions:
+        assert len(record["passages"]) == 2  # eval_n_docs of experiment=tiny
+        assert all({"id", "title", "text", "score", "p"} <= set(p) for p in record["passages"])
+        assert sum(p["p"] for p in record["passages"]) == pytest.approx(1.0, abs=1e-3)
     assert not (out / "predictions_train.jsonl").exists()  # renamed to predictions.jsonl
 
 
@@ -222,6 +227,9 @@ BAD_INPUT: list[tuple[str, str, Callable[[Setting], list[str]], Callable[[Settin
     ("rag-train", "out-of-range value",
      lambda s: [*s.train, "model.n_docs=0"],
      lambda s: ["model.n_docs=0 must be > 0"]),
+    ("rag-train", "n_docs larger than the corpus",  # the tiny world has 24 passages
+     lambda s: [*s.train, "model.n_docs=25"],
+     lambda s: ["model.n_docs=25", "larger than the corpus (24 passages)"]),
     ("rag-train", "missing checkpoint",
      lambda s: [*s.train, f"ckpt_path={s.tmp / 'nope.ckpt'}"],
      lambda s: [f"ckpt_path={s.tmp / 'nope.ckpt'}", "no such checkpoint"]),
@@ -243,6 +251,9 @@ BAD_INPUT: list[tuple[str, str, Callable[[Setting], list[str]], Callable[[Settin
     ("rag-eval", "out-of-range value",
      lambda s: [f"ckpt_path={s.ckpt}", "accelerator=cpu", "model.eval_n_docs=0"],
      lambda s: ["model.eval_n_docs=0 must be > 0"]),
+    ("rag-eval", "eval_n_docs larger than the corpus",
+     lambda s: [f"ckpt_path={s.ckpt}", "accelerator=cpu", "model.eval_n_docs=30"],
+     lambda s: ["model.eval_n_docs=30", "larger than the corpus (24 passages)"]),
     ("rag-eval", "misspelt model key",
      lambda s: [f"ckpt_path={s.ckpt}", "model.eval_n_doc=1"],
      lambda s: ["model.eval_n_doc is not a config key"]),

@@ -100,13 +100,32 @@ def test_question_match_marks_tokens_shared_across_the_separator():
 
 
 def test_question_match_embedding_changes_only_matching_inputs():
+    """The match feature is added to the token embeddings the encoder reads: with level 1's embedding set to
+    ones, exactly the inputs that match across the separator (the two 11s) move, each by one in every
+    dimension, and every other input is the plain token embedding."""
     model = _model(seed=4, match=True)
     ids = torch.tensor([[0, 10, 11, 7, 8, 11, 12, 2]])
+    encoder = model.get_encoder()
+    seen = []
+    hook = encoder.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.match_embedding.weight.zero_()
+            base = encoder(input_ids=ids).last_hidden_state
+            model.match_embedding.weight[1] = 1.0
+            marked = encoder(input_ids=ids).last_hidden_state
+    finally:
+        hook.remove()
     with torch.no_grad():
-        model.match_embedding.weight.zero_()
-        base = model.get_encoder()(input_ids=ids).last_hidden_state
-        model.match_embedding.weight[1] = 1.0
-        marked = model.get_encoder()(input_ids=ids).last_hidden_state
+        plain = encoder.encoder(input_ids=ids).last_hidden_state  # BART's own encoder on the ids
+    base_inputs, marked_inputs = seen[0], seen[1]
+    assert torch.equal(base_inputs, encoder.encoder.embed_tokens(ids))  # level 0 adds nothing
+    moved = (marked_inputs - base_inputs).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert moved == [2, 5]  # question 11 and passage 11; not 10, 12, the separator or special tokens
+    torch.testing.assert_close(marked_inputs[0, moved] - base_inputs[0, moved], torch.ones(2, 16))
+    torch.testing.assert_close(base[..., :-1], plain)  # a zero feature leaves the encoder's output as it was
     assert not torch.allclose(base, marked)
     assert torch.equal(marked[..., -1], ids.float())  # the id channel is untouched
 

@@ -368,10 +368,26 @@ def test_token_ids_default_from_the_generator_config():
             fn(generator, ctx, mask, scores, n_docs=N_DOCS, num_beams=2, max_new_tokens=5, **explicit),
         )
         assert default[:, 0].eq(EOS).all()
-    no_forced_eos = rag_token_generate(
-        generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=3, forced_eos_token_id=None
-    )
-    assert no_forced_eos.shape[1] <= 4
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("fn", [rag_token_generate, rag_sequence_generate], ids=["token", "sequence"])
+def test_forced_eos_none_forces_nothing_at_the_last_step(fn, num_beams):
+    """BART's config forces EOS at the last step; ``forced_eos_token_id=None`` switches that off, so a
+    hypothesis that reaches the length limit ends with the generator's own choice there, not EOS. The
+    generator (seed 0, no EOS bias) never picks EOS within 3 tokens."""
+    generator, ctx, mask, scores = make(0, 0.0)
+    args = dict(n_docs=N_DOCS, num_beams=num_beams, max_new_tokens=3)
+    forced = fn(generator, ctx, mask, scores, **args)  # "config": BART's forced_eos_token_id = EOS
+    free = fn(generator, ctx, mask, scores, **args, forced_eos_token_id=None)
+    assert forced.shape == free.shape == (BATCH, 4)
+    assert forced[:, 3].eq(EOS).all()  # every hypothesis ran to the limit and was closed by the forced EOS
+    assert not free[:, 1:].eq(EOS).any()  # none is closed: the last token is the generator's choice
+    if fn is rag_token_generate and num_beams == 1:
+        # greedy: the last token is exactly what an unforced longer run picks at that step, the rest as forced
+        longer = fn(generator, ctx, mask, scores, **{**args, "max_new_tokens": 6}, forced_eos_token_id=None)
+        assert torch.equal(free, longer[:, :4])
+        assert torch.equal(free[:, :3], forced[:, :3])
 
 
 def test_invalid_arguments():

@@ -287,6 +287,56 @@ def test_ensure_index_builds_then_reuses_and_rebuilds_only_what_changed(user_dat
     assert found.rows.shape == (2, 3)
 
 
+# each key the store is built from, changed alone, with the store's directory pinned (the default directory
+# name carries ctx_max_length, so only a pinned one shows that the manifest itself decides)
+STORE_KEYS = [
+    ("model.question_encoder.ctx_max_length=12", "ctx_max_length", 12),
+    ("index.title_separator=' | '", "title_separator", " | "),
+    ("index.gen_max_passage_tokens=6", "gen_max_passage_tokens", 6),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "value"), STORE_KEYS, ids=[k for _, k, _ in STORE_KEYS])
+def test_the_store_is_rebuilt_when_one_of_its_keys_changes(user_data: Path, override: str, key: str, value) -> None:
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+    from rag_lightning.retrieval.build import ensure_store
+
+    pinned = f"index.store_dir={user_data / 'store'}"
+    spec, gen_tok = index_spec(user_data, pinned)
+    ctx_tok = load_encoder_tokenizer(spec.encoder, "context")
+    store = ensure_store(spec, gen_tok, ctx_tok)
+    assert store.manifest[key] != value
+    before_gen = [store.gen_tokens(r).tolist() for r in range(len(store))]
+    before_ctx = [store.ctx_tokens(r).tolist() for r in range(len(store))]
+    titles_texts = [(store.title(r), store.text(r)) for r in range(len(store))]
+    stamp = (user_data / "store" / "manifest.json").stat().st_mtime_ns
+    assert ensure_store(spec, gen_tok, ctx_tok).manifest == store.manifest  # same keys: reused as it is
+    assert (user_data / "store" / "manifest.json").stat().st_mtime_ns == stamp
+
+    spec, _ = index_spec(user_data, pinned, override)
+    store = ensure_store(spec, gen_tok, ctx_tok)
+    assert store.manifest[key] == value
+    assert Path(store.dir) == user_data / "store"
+    gen = [store.gen_tokens(r).tolist() for r in range(len(store))]
+    ctx = [store.ctx_tokens(r).tolist() for r in range(len(store))]
+    if key == "ctx_max_length":  # the context encoder's input truncated to the new length
+        assert max(len(ids) for ids in before_ctx) > value
+        for (title, text), ids in zip(titles_texts, ctx):
+            args = (title, text) if title else (text,)
+            assert ids == ctx_tok(*args, truncation="longest_first", max_length=value)["input_ids"]
+        assert gen == before_gen
+    elif key == "gen_max_passage_tokens":  # the generator's passage cut to the new length
+        assert max(len(ids) for ids in before_gen) > value
+        assert gen == [ids[:value] for ids in before_gen]
+        assert ctx == before_ctx
+    else:  # the generator reads "title | text"
+        for (title, text), ids in zip(titles_texts, gen):
+            joined = f" {title} | {text}" if title else f" {text}"
+            assert ids == gen_tok(joined, add_special_tokens=False)["input_ids"]
+        assert gen != before_gen and ctx == before_ctx
+        assert store.title_separator == " | "
+
+
 def test_mismatched_index_message_names_the_rebuild_command(user_data: Path) -> None:
     spec, _ = index_spec(user_data)
     _, index_dir = built_dirs(user_data)

@@ -60,11 +60,12 @@ def test_corpus_errors_name_file_line_and_reason(name: str, line: int, reason: s
         ("qa_bad_answers.jsonl", 2, "got a single string"),
         ("qa_missing_question.jsonl", 2, "missing field 'question'"),
         ("qa_dpr.csv", 3, "not a Python list literal"),
+        ("qa_duplicate_id.jsonl", 3, "duplicate id 'q1' (first used on line 1)"),
     ],
 )
 def test_qa_errors_name_file_line_and_reason(name: str, line: int, reason: str) -> None:
     path = DATA / name
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*{reason}.*Fix: "):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*{re.escape(reason)}.*Fix: "):
         read_qa(path)
 
 
@@ -79,6 +80,23 @@ def test_skip_bad_rows_counts_and_warns(caplog: pytest.LogCaptureFixture) -> Non
     assert rows.report.examples[0].startswith(f"{DATA / 'qa_bad_answers.jsonl'}:2: ")
     assert rows.report.examples[1].startswith(f"{DATA / 'qa_bad_answers.jsonl'}:3: ")
     assert "skipped 2 bad rows, kept 2" in caplog.text
+
+
+def test_duplicate_question_ids_are_refused_or_skipped_keeping_the_first() -> None:
+    """A question id names one example (predictions, metrics and provenance are keyed by it): a second row
+    with the same id is a bad row. Integer and string ids are the same id, and an explicit id that equals
+    a generated one (``<file stem>-<line>``) is a duplicate too."""
+    path = DATA / "qa_duplicate_id.jsonl"
+    rows = read_qa(path, skip_bad_rows=True)
+    assert [(ex.id, ex.answers) for ex in rows] == [
+        ("q1", ("Madrid",)), ("2", ("Rome",)), ("qa_duplicate_id-5", ("Bamako",)),
+    ]
+    assert rows.report.skipped == 3
+    assert rows.report.examples == [
+        f"{path}:3: duplicate id 'q1' (first used on line 1)",
+        f"{path}:4: duplicate id '2' (first used on line 2)",
+        f"{path}:6: duplicate id 'qa_duplicate_id-5' (first used on line 5)",
+    ]
 
 
 def test_skip_bad_rows_handles_every_corpus_fault() -> None:

@@ -115,11 +115,16 @@ def test_multirun_with_ddp_trains_each_job_once(tmp_path: Path, rag_train, tiny_
 
 
 def test_optuna_two_trials_in_parallel_with_joblib(tmp_path: Path, rag_train, tiny_overrides) -> None:
+    """Two trials, each a rag-train job with its own sampled parameters; optuna reports the trial whose metric
+    is best in the configured direction. The metric is val/loss (minimised): it differs between trials (the
+    tiny model's val/em is 0 for both, and would not tell the best trial from the other)."""
     rag_train(
         tmp_path,
         "hparams_search=optuna",
         *tiny_overrides(tmp_path),
         "logger=csv",
+        "optimized_metric=val/loss",
+        "hydra.sweeper.direction=minimize",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",
         "hydra/launcher=joblib",
@@ -127,7 +132,20 @@ def test_optuna_two_trials_in_parallel_with_joblib(tmp_path: Path, rag_train, ti
     )
     sweep = only_sweep(tmp_path)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(results["best_params"]) == {"model.optim.lr", "model.n_docs", "model.label_smoothing"}
-    assert 0.0 <= results["best_value"] <= 1.0
-    trials = [json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1")]
-    assert results["best_value"] == pytest.approx(max(t["val/em"] for t in trials))
+    space = {"model.optim.lr", "model.n_docs", "model.label_smoothing"}
+    assert set(results["best_params"]) == space
+    trials = []
+    for job in ("0", "1"):
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text()))
+        params = {key: yaml.safe_load(overrides[key]) for key in space}  # what the sampler gave this trial
+        assert 1e-5 <= params["model.optim.lr"] <= 1e-3 and params["model.n_docs"] in (3, 5, 10)
+        assert 0.0 <= params["model.label_smoothing"] <= 0.2
+        resolved = yaml.safe_load((sweep / job / "config_resolved.yaml").read_text())["model"]
+        assert (resolved["optim"]["lr"], resolved["n_docs"], resolved["label_smoothing"]) == (
+            params["model.optim.lr"], params["model.n_docs"], params["model.label_smoothing"]
+        )  # the trial trained with them
+        trials.append((json.loads((sweep / job / "metrics.json").read_text())["val/loss"], params))
+    assert trials[0][0] != trials[1][0], trials
+    best_loss, best_params = min(trials, key=lambda t: t[0])
+    assert results["best_value"] == pytest.approx(best_loss, rel=1e-6)
+    assert results["best_params"] == pytest.approx(best_params, rel=1e-9)

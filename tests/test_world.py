@@ -74,13 +74,40 @@ def test_counts_and_manifest(built: dict[str, Any]) -> None:
 
 def test_passages_are_short_unique_and_several_per_big_entity(built: dict[str, Any]) -> None:
     passages = built["passages"]
-    assert all(len(p["text"].split()) <= 100 and p["title"] and p["text"] for p in passages.values())
+    max_words = built["cfg"].world.max_words
+    assert max_words == 60  # data.world.max_words of the shipped config
+    lengths = [len(p["text"].split()) for p in passages.values()]
+    assert max(lengths) <= max_words and all(p["title"] and p["text"] for p in passages.values())
+    assert max(lengths) > max_words - 10  # the limit binds: sentences are packed up to it
     rows = read_corpus(
         built["root"] / "corpus.jsonl"
     )  # the readers accept it (and would reject duplicate ids)
     assert len(rows) == len(passages)
     assert sum(1 for pid in passages if pid.startswith("country-fra-")) >= 2
     assert sum(1 for pid in passages if pid.startswith("element-fe-")) >= 2
+
+
+def test_chunking_packs_whole_sentences_greedily_up_to_max_words() -> None:
+    from rag_lightning.data.world_templates import Entity, Sentence
+
+    def words(n: int, tag: str) -> str:
+        return " ".join(f"{tag}{i}" for i in range(n))
+
+    entity = Entity("country", "country-xx", "X", "X", sentences=[
+        Sentence(words(4, "a"), frozenset({"k1"})), Sentence(words(5, "b"), frozenset({"k2"})),
+        Sentence(words(3, "c"), frozenset({"k3"})), Sentence(words(23, "d"), frozenset({"k4"})),
+    ])  # fmt: skip
+    chunks = world.chunk_entity(entity, max_words=10)
+    texts = [p.text for p, _ in chunks]
+    # 4 + 5 fit in 10, 3 more would not; the 23-word sentence is cut into pieces of 10, 10 and 3, none of
+    # which fits beside what precedes it
+    assert texts == [
+        f"{words(4, 'a')} {words(5, 'b')}", words(3, "c"), " ".join(words(23, "d").split()[:10]),
+        " ".join(words(23, "d").split()[10:20]), " ".join(words(23, "d").split()[20:]),
+    ]  # fmt: skip
+    assert [p.id for p, _ in chunks] == [f"country-xx-{i}" for i in range(5)]
+    assert [set(keys) for _, keys in chunks] == [{"k1", "k2"}, {"k3"}, {"k4"}, {"k4"}, {"k4"}]
+    assert all(len(t.split()) <= 10 for t in texts)
 
 
 def test_question_ids_unique_and_readable(built: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ Formats (chosen by extension):
 
 - corpus ``.jsonl``: one object per line with string fields ``id``, ``title``, ``text``.
 - corpus ``.tsv``: the DPR passage file (``psgs_w100.tsv``), header ``id<TAB>text<TAB>title``.
-- QA ``.jsonl``: ``question``, ``answers`` (list of strings), optional ``id`` (default
+- QA ``.jsonl``: ``question``, ``answers`` (list of strings), optional ``id`` (unique in the file; default
   ``<file stem>-<line>``) and ``gold_passage_ids``; other fields are ignored.
 - QA ``.csv`` / ``.tsv``: the DPR QA files: question, then the answers as a Python list literal
   (``['a', 'b']``), parsed with ``ast.literal_eval`` (never ``eval``). DPR's ``.csv`` files are
