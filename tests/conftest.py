@@ -208,6 +208,7 @@ ENTRY_POINTS = {
     "rag-train": "rag_lightning.train",
     "rag-eval": "rag_lightning.eval",
     "rag-predict": "rag_lightning.predict",
+    "rag-report": "rag_lightning.report.cli",
 }
 
 
