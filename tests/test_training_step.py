@@ -139,3 +139,27 @@ def test_the_step_learns_a_tiny_batch(tiny_module):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_multi_task_step_adds_the_weighted_contrastive_term(tiny_module):
+    """model.retrieval_loss_weight=w: the step's loss is the NLL plus w times the retriever's contrastive loss
+    of the batch's questions against their gold passages (each question's gold vector its positive)."""
+    from rag_lightning.models.module import contrastive_retrieval_loss
+
+    module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
+    module.eval()
+    loss = module.training_step(batch, 0)
+    nll, _ = module.nll(batch, module.cfg.n_docs, module.cfg.loss_reduction)
+    q = module.question_encoder(
+        input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
+    ).pooler_output
+    rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
+    assert None not in rows  # every tiny-world question names its gold passage
+    contrastive = contrastive_retrieval_loss(q, module.retriever.vectors(rows), torch.tensor(rows))
+    assert contrastive.item() > 0.1
+    torch.testing.assert_close(loss, nll + 0.5 * contrastive, rtol=1e-5, atol=1e-6)
+    # the term needs a training encoder: none while it is frozen
+    frozen, batch = tiny_module("model.question_encoder_warmup_steps=5", "model.retrieval_loss_weight=0.5")
+    frozen.eval()
+    nll, _ = frozen.nll(batch, frozen.cfg.n_docs, frozen.cfg.loss_reduction)
+    torch.testing.assert_close(frozen.training_step(batch, 0), nll)
