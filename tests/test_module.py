@@ -283,3 +283,13 @@ def test_retrieve_without_a_retriever_says_how_to_build_one():
     with pytest.raises(RuntimeError, match=r"^RagModule in mode rag_token needs a retriever; build the module "
                                            r"with rag_lightning\.pipeline\.build_module, which attaches one$"):
         module.retrieve(_batch(["a"], [3]), 2)
+
+
+def test_the_model_section_is_saved_as_plain_hyperparameters():
+    """Checkpoints load with torch.load(weights_only=True) and rag-eval rebuilds the module from them."""
+    import json
+    from dataclasses import asdict
+
+    module = _module(freeze=False)
+    assert dict(module.hparams) == {"model": json.loads(json.dumps(asdict(module.cfg), default=str))}
+    assert module.hparams["model"]["mode"] == module.cfg.mode and module.hparams["model"]["n_docs"] == module.cfg.n_docs

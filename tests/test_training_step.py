@@ -163,3 +163,28 @@ def test_the_multi_task_step_adds_the_weighted_contrastive_term(tiny_module):
     frozen.eval()
     nll, _ = frozen.nll(batch, frozen.cfg.n_docs, frozen.cfg.loss_reduction)
     torch.testing.assert_close(frozen.training_step(batch, 0), nll)
+
+
+def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module):
+    """model.answer_swap_prob=1 in training: the generator reads contexts whose answer is replaced by another
+    example's and is trained to give that answer (the gold curriculum puts each answer in the contexts)."""
+    from rag_lightning.models.augment import swap_answers
+
+    module, batch = tiny_module("model.answer_swap_prob=1.0", "model.gold_passage_steps=5")
+    module.eval()
+    module.training = True  # the module's own switch only: encoders and generator stay without dropout
+    torch.manual_seed(3)
+    loss = module.training_step(batch, 0)
+    ret = module.retrieve(batch, module.cfg.n_docs)
+    pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+    torch.manual_seed(3)
+    ids, mask, labels, dec_in = swap_answers(
+        ret["context_input_ids"], batch["labels"], n_docs=module.cfg.n_docs, pad_id=pad, eos_id=eos,
+        decoder_start_id=int(batch["decoder_input_ids"][0, 0]), prob=1.0,
+    )  # fmt: skip
+    assert not torch.equal(labels, batch["labels"])  # answers were swapped
+    logits = module.generator(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in.repeat_interleave(module.cfg.n_docs, 0)
+    ).logits
+    expected = rag_token_nll(logits, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
