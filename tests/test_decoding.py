@@ -398,3 +398,90 @@ def test_invalid_arguments():
         rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS + 1)
     with pytest.raises(ValueError, match="num_return_sequences"):
         rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS, num_beams=2, num_return_sequences=3)
+
+
+@pytest.mark.parametrize(
+    ("seed", "eos_bias", "n_docs", "num_beams", "num_return", "extra"),
+    [
+        (0, 0.0, 2, 1, 1, {}),  # two passages: the general mixture, not the one-context shortcut
+        (2, 1.0, 2, 3, 2, {}),
+        (3, 1.0, 3, 3, 1, {"early_stopping": "never", "length_penalty": 2.0}),
+        (3, 1.0, 3, 3, 2, {"early_stopping": "never", "length_penalty": 0.5}),
+        (3, 1.5, 3, 3, 1, {"early_stopping": True, "length_penalty": 2.0}),
+        (1, 1.0, 3, 4, 2, {"length_penalty": 0.0}),
+        (1, 2.0, 3, 4, 1, {"length_penalty": 3.0}),
+    ],
+)
+def test_rag_token_matches_transformers_across_search_settings(seed, eos_bias, n_docs, num_beams, num_return, extra):
+    """Other numbers of passages, length penalties and early-stopping rules than the main comparison."""
+    generator, ctx, mask, scores = make(seed, eos_bias, n_docs=n_docs)
+    model = reference("token", generator, tiny_question_encoder(), n_docs)
+    ref = model.generate(
+        context_input_ids=ctx, context_attention_mask=mask, doc_scores=scores, n_docs=n_docs, num_beams=num_beams,
+        num_return_sequences=num_return, max_length=NEW_TOKENS + 1, **extra,
+    )  # fmt: skip
+    ours = rag_token_generate(
+        generator, ctx, mask, scores, n_docs=n_docs, num_beams=num_beams, num_return_sequences=num_return,
+        max_new_tokens=NEW_TOKENS, **extra,
+    )  # fmt: skip
+    assert torch.equal(ours, ref)
+
+
+def test_token_ids_given_in_the_call_override_the_config():
+    generator, ctx, mask, scores = make(0, 3.0)
+    args = dict(n_docs=N_DOCS, num_beams=2, max_new_tokens=5)
+    default = rag_token_generate(generator, ctx, mask, scores, **args)
+    assert default.eq(PAD).any()  # some answer ends early and is padded
+    other = rag_token_generate(generator, ctx, mask, scores, **args, decoder_start_token_id=BOS, pad_token_id=77)
+    assert other[:, 0].eq(BOS).all() and other.eq(77).any() and not other[:, 1:].eq(PAD).any()
+    for row in other.tolist():  # padding only after the answer's EOS
+        end = row.index(EOS, 1) if EOS in row[1:] else len(row)
+        assert all(t == 77 for t in row[end + 1 :]) and 77 not in row[: end + 1]
+    assert torch.equal(rag_token_generate(generator, ctx, mask, scores, **args, eos_token_id=[EOS]), default)
+    with pytest.raises(ValueError, match=r"^a single eos_token_id is supported, got \[2, 7\]$"):
+        rag_token_generate(generator, ctx, mask, scores, **args, eos_token_id=[EOS, 7])
+    generator.config.decoder_start_token_id = None
+    generator.generation_config.decoder_start_token_id = None
+    with pytest.raises(ValueError, match="^decoder_start_token_id and pad_token_id must be given or set in the "
+                                         "generator's config$"):
+        rag_token_generate(generator, ctx, mask, scores, **args)
+    assert rag_token_generate(generator, ctx, mask, scores, **args, decoder_start_token_id=EOS).equal(default)
+
+
+def test_forced_bos_from_the_config_and_none_switches_it_off():
+    generator = tiny_generator(seed=0)
+    generator.generation_config.forced_bos_token_id = BOS  # as BART-large's generation config has it
+    ctx, mask = contexts(BATCH, N_DOCS, seed=0)
+    scores = doc_scores(BATCH, N_DOCS, seed=0)
+    for fn in (rag_token_generate, rag_sequence_generate):
+        forced = fn(generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=4)
+        free = fn(generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=4, forced_bos_token_id=None)
+        assert forced[:, 1].eq(BOS).all() and not free[:, 1].eq(BOS).any()
+
+
+def test_rag_sequence_excludes_the_score_of_a_given_bos():
+    """``bos_token_id`` given in the call is the one whose forced first score thorough decoding leaves out."""
+    generator, ctx, mask, scores = make(0, 0.0)
+    out = rag_sequence_generate(
+        generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=4, forced_bos_token_id=7, bos_token_id=7,
+        return_scores=True,
+    )  # fmt: skip
+    assert out.sequences[:, 1].eq(7).all()
+    with torch.no_grad():
+        logits = generator(
+            input_ids=ctx, attention_mask=mask, decoder_input_ids=out.sequences.repeat_interleave(N_DOCS, 0)
+        ).logits
+    labels = shift_targets(out.sequences, PAD)
+    expected = -rag_sequence_nll(logits, scores, labels, pad_token_id=PAD, exclude_bos_score=True, bos_token_id=7)
+    torch.testing.assert_close(out.scores, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_one_new_token_is_allowed_and_shapes_are_checked_on_both_sides():
+    generator, ctx, mask, scores = make(0, 0.0)
+    one = rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=1)
+    assert one.tolist() == [[EOS, EOS]] * BATCH  # the decoder start, then the forced EOS
+    with pytest.raises(ValueError, match=r"^need num_beams >= 1, max_new_tokens >= 1 and 1 <= "
+                                         r"num_return_sequences <= num_beams$"):
+        rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"expected context_input_ids \(B\*3, S\) and doc_scores \(B, 3\)"):
+        rag_token_generate(generator, ctx, mask, scores[:-1], n_docs=N_DOCS)  # one example's scores missing

@@ -324,3 +324,44 @@ def test_per_example_bos_rule():
     )
     none_skipped = rag_sequence_nll(logits, scores, labels, pad_token_id=PAD)
     torch.testing.assert_close(mixed, torch.where(skip, all_skipped, none_skipped))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_rows_without_targets_get_exactly_zero(label_smoothing):
+    """An all-pad row (an empty target) contributes nothing to any loss, with label smoothing too (whose
+    doc-prior term alone would not vanish), and leaves the other rows' losses as they are."""
+    logits, scores, labels = random_case(n_docs=3)
+    scores = scores + torch.tensor([4.0, 0.0, -4.0])  # a peaked, non-uniform prior
+    empty = labels.clone()
+    empty[1] = PAD
+    for fn in (rag_sequence_nll, rag_token_nll):
+        full = fn(logits, scores, labels, pad_token_id=PAD, label_smoothing=label_smoothing)
+        got = fn(logits, scores, empty, pad_token_id=PAD, label_smoothing=label_smoothing)
+        assert got[1].item() == 0.0, fn.__name__
+        torch.testing.assert_close(got[[0, 2]], full[[0, 2]])
+    got = closed_book_nll(logits[::3], empty, pad_token_id=PAD, label_smoothing=label_smoothing)
+    assert got[1].item() == 0.0
+
+
+def test_bos_exclusion_without_a_bos_id_says_what_is_missing():
+    logits, scores, labels = random_case(n_docs=2)
+    with pytest.raises(ValueError, match=r"^exclude_bos_score=True needs bos_token_id$"):
+        rag_sequence_nll(logits, scores, labels, pad_token_id=PAD, exclude_bos_score=True)
+
+
+def test_shape_errors_say_what_was_expected_and_got():
+    logits, scores, labels = random_case(n_docs=2)  # labels (3, 6), logits (6, 6, 11)
+    with pytest.raises(ValueError, match=r"^expected labels \(B, T\) and logits \(B\*K, T, V\), got \(3, 6, 1\), "
+                                         r"\(6, 6, 11\)$"):
+        rag_token_nll(logits, scores, labels[..., None], pad_token_id=PAD)  # only the labels are wrong
+    with pytest.raises(ValueError, match=r"^logits must be \(B\*K=6, T=6, V\), got \(5, 6, 11\)$"):
+        rag_sequence_nll(logits[:-1], scores, labels, pad_token_id=PAD)
+
+
+def test_token_mean_of_a_single_target_token_is_its_nll():
+    logits, scores, labels = random_case(n_docs=2)
+    one = torch.full_like(labels, PAD)
+    one[0, 0] = labels[0, 0]  # one target token in the whole batch
+    for fn in (rag_sequence_nll, rag_token_nll):
+        per = fn(logits, scores, one, pad_token_id=PAD)
+        torch.testing.assert_close(fn(logits, scores, one, pad_token_id=PAD, reduction="token_mean"), per[0])

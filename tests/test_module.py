@@ -92,6 +92,17 @@ def test_lr_schedules():
     assert _lr_lambda("constant", warmup=5, total=50)(40) == 1.0
 
 
+def test_lr_schedule_boundaries_and_shapes():
+    linear = _lr_lambda("linear", warmup=10, total=110)
+    assert [linear(s) for s in (8, 9, 10, 11)] == [0.9, 1.0, 1.0, 0.99]  # warm-up ends at full rate, then decays
+    assert linear(200) == 0.0  # past the end: stays at zero
+    cosine = _lr_lambda("cosine", warmup=10, total=110)
+    assert cosine(10) == 1.0 and cosine(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # not linear's .75
+    assert cosine(110) == 0.0 and cosine(185) == 0.0  # past the end: stays at zero, not back up the cosine
+    short = _lr_lambda("linear", warmup=4, total=5)  # one decay step: the whole way down at once
+    assert short(4) == 1.0 and short(5) == 0.0 and short(6) == 0.0
+
+
 def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
     vectors = torch.randn(3, 4).numpy()
 
@@ -214,3 +225,71 @@ def test_retrieval_stays_float32_under_mixed_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = module.retrieve(batch, 2)["doc_scores"]
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+def test_top_layers_see_each_questions_own_padding_mask():
+    """In a batch of questions of different lengths, each vector through the cached bottom states and the
+    trainable top layers equals the plain encoder's on that question alone (padding masked in the top)."""
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+
+    tok = load_encoder_tokenizer(QuestionEncoderConfig(kind="tiny"))
+    module = _tiny_module(question_encoder_trainable_layers=1)
+    module.eval()
+    questions = ["what is the capital city of the country of france?", "who wrote hamlet?"]
+    enc = tok(questions, padding=True, return_tensors="pt")
+    assert not enc["attention_mask"].all()  # the short question is padded
+    batch = {"questions": questions, "question_input_ids": enc["input_ids"],
+             "question_attention_mask": enc["attention_mask"]}
+    for _ in range(2):  # computing the bottom states, then reading them from the cache
+        vectors = module.encode_questions(batch)
+        with torch.no_grad():
+            for i, question in enumerate(questions):
+                alone = tok([question], return_tensors="pt")
+                reference = module.question_encoder(input_ids=alone["input_ids"],
+                                                    attention_mask=alone["attention_mask"]).pooler_output
+                torch.testing.assert_close(vectors[i : i + 1], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_the_gold_curriculum_scores_with_the_question_vectors():
+    seen = []
+
+    class FakeRetriever:
+        def retrieve(self, q, k):
+            return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long),
+                                   vectors=torch.zeros(q.shape[0], k, 4), passage_ids=[["x"] * k] * q.shape[0])
+
+        def with_gold(self, found, gold, q):
+            seen.append(q)
+            return SimpleNamespace(rows=found.rows, vectors=torch.ones_like(found.vectors),
+                                   passage_ids=found.passage_ids)
+
+        def build_contexts(self, question_ids, rows):
+            return torch.zeros(rows.numel(), 3, dtype=torch.long), torch.ones(rows.numel(), 3, dtype=torch.long)
+
+    tokenizer = SimpleNamespace(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    module = RagModule(_CountingEncoder(), torch.nn.Linear(2, 2), ModelConfig(gold_passage_steps=5),
+                       generator_tokenizer=tokenizer, retriever=FakeRetriever())
+    batch = _batch(["a", "b"], [3, 4]) | {"gold_passage_ids": [["g"], []],
+                                          "question_generator_ids": torch.tensor([[7], [8]]),
+                                          "question_generator_mask": torch.tensor([[1], [1]])}
+    ret = module.retrieve(batch, 2)
+    assert len(seen) == 1 and seen[0] is ret["question_vectors"]  # the vectors the scores are made of
+    # the scores are taken against what the curriculum returned (its vectors), not what the search found
+    torch.testing.assert_close(ret["doc_scores"], ret["question_vectors"].sum(-1, keepdim=True).expand(2, 2))
+
+
+def test_retrieve_without_a_retriever_says_how_to_build_one():
+    module = _module(freeze=False)
+    with pytest.raises(RuntimeError, match=r"^RagModule in mode rag_token needs a retriever; build the module "
+                                           r"with rag_lightning\.pipeline\.build_module, which attaches one$"):
+        module.retrieve(_batch(["a"], [3]), 2)
+
+
+def test_the_model_section_is_saved_as_plain_hyperparameters():
+    """Checkpoints load with torch.load(weights_only=True) and rag-eval rebuilds the module from them."""
+    import json
+    from dataclasses import asdict
+
+    module = _module(freeze=False)
+    assert dict(module.hparams) == {"model": json.loads(json.dumps(asdict(module.cfg), default=str))}
+    assert module.hparams["model"]["mode"] == module.cfg.mode and module.hparams["model"]["n_docs"] == module.cfg.n_docs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,64 @@ def test_with_gold_puts_a_missed_gold_passage_in_the_last_slot(parts) -> None:
     expected_scores = torch.einsum("bd,bkd->bk", q, got.vectors)
     torch.testing.assert_close(got.scores, expected_scores)
     assert retriever.with_gold(found, [[], [], [], []], q) is found
+
+
+def test_the_given_searcher_finds_the_rows(parts) -> None:
+    """Under DDP the rows come from a DistributedSearch: retrieve asks the searcher, not the index."""
+    _, store, index = parts
+
+    class Searcher:
+        def search(self, queries, k):
+            rows = np.tile(np.arange(29, 29 - k, -1), (len(queries), 1))
+            return np.full(rows.shape, 7.0, np.float32), rows
+
+    found = Retriever(index, store, max_context_length=64, searcher=Searcher()).retrieve(torch.randn(2, 16), 3)
+    assert found.rows.tolist() == [[29, 28, 27]] * 2 and found.scores.eq(7.0).all()
+    np.testing.assert_array_equal(found.vectors.numpy(), index.vectors[found.rows.numpy()])
+    assert found.passage_ids[0] == [store.passage_id(r) for r in (29, 28, 27)]
+
+
+def test_special_ids_given_to_the_retriever_or_the_call_are_used(parts) -> None:
+    gen_tok, store, index = parts
+    question = [piece_ids(gen_tok, QUESTIONS[0])]
+    rows = torch.tensor([[1, 5]])  # passages of different lengths: the shorter one is padded
+    retriever = Retriever(index, store, max_context_length=64, bos_id=90, eos_id=91, pad_id=92)
+    input_ids, mask = retriever.build_contexts(question, rows)
+    default_ids, _ = Retriever(index, store, max_context_length=64).build_contexts(question, rows)
+    assert (input_ids[:, 0] == 90).all() and (default_ids[:, 0] == gen_tok.bos_token_id).all()
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert input_ids[i, n - 1] == 91 and (input_ids[i, n:] == 92).all()
+        assert input_ids[i, 1 : n - 1].tolist() == default_ids[i, 1 : n - 1].tolist()
+    assert not mask.all()
+    override, _ = retriever.build_contexts(question, rows, bos_id=80, eos_id=81, pad_id=82)  # the call wins
+    assert (override[:, 0] == 80).all() and {81, 82} <= set(override.flatten().tolist())
+
+
+def test_the_shortest_context_fits_the_separator_and_one_question_token(parts) -> None:
+    gen_tok, store, index = parts
+    sep = piece_ids(gen_tok, "//")
+    shortest = len(sep) + 3  # <s>, one question token, the separator, </s>
+    retriever = Retriever(index, store, max_context_length=shortest)
+    input_ids, _ = retriever.build_contexts([piece_ids(gen_tok, QUESTIONS[0])], torch.tensor([[0]]))
+    assert input_ids.tolist() == [[0, piece_ids(gen_tok, QUESTIONS[0])[0], *sep, 2]]
+    with pytest.raises(ValueError, match=rf"^context\.max_length={shortest - 1} leaves no room for a question$"):
+        Retriever(index, store, max_context_length=shortest - 1)
+
+
+def test_bad_arguments_are_refused_with_what_is_wrong(parts) -> None:
+    gen_tok, store, index = parts
+    retriever = Retriever(index, store, max_context_length=64)
+    question = [piece_ids(gen_tok, QUESTIONS[0])]
+    for rows in (torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 1])):  # two examples for one question; 1-D
+        with pytest.raises(ValueError, match=rf"^rows must be \(B, k\) with B=1, got {re.escape(str(tuple(rows.shape)))}$"):
+            retriever.build_contexts(question, rows)
+    retriever.bos_id = None  # as for a store whose generator tokenizer has no <s>
+    with pytest.raises(ValueError, match=r"^the store's generator tokenizer has no <s>, </s> or <pad>: pass bos/eos/pad ids$"):
+        retriever.build_contexts(question, torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"^separator='//' must start and end with one space$"):
+        Retriever(index, store, max_context_length=64, separator="//")
+    with pytest.raises(ValueError, match=r"^context\.layout='sideways' is not one of question_first, passage_first$"):
+        Retriever(index, store, max_context_length=64, layout="sideways")
+    with pytest.raises(IndexStateError, match=r"holds 30; rebuild the index \(rag-index\)$"):
+        Retriever(PassageIndex.build(index.vectors[:5].copy(), IndexConfig(type="flat")), store, max_context_length=64)

@@ -139,3 +139,52 @@ def test_the_step_learns_a_tiny_batch(tiny_module):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_multi_task_step_adds_the_weighted_contrastive_term(tiny_module):
+    """model.retrieval_loss_weight=w: the step's loss is the NLL plus w times the retriever's contrastive loss
+    of the batch's questions against their gold passages (each question's gold vector its positive)."""
+    from rag_lightning.models.module import contrastive_retrieval_loss
+
+    module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
+    module.eval()
+    loss = module.training_step(batch, 0)
+    nll, _ = module.nll(batch, module.cfg.n_docs, module.cfg.loss_reduction)
+    q = module.question_encoder(
+        input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
+    ).pooler_output
+    rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
+    assert None not in rows  # every tiny-world question names its gold passage
+    contrastive = contrastive_retrieval_loss(q, module.retriever.vectors(rows), torch.tensor(rows))
+    assert contrastive.item() > 0.1
+    torch.testing.assert_close(loss, nll + 0.5 * contrastive, rtol=1e-5, atol=1e-6)
+    # the term needs a training encoder: none while it is frozen
+    frozen, batch = tiny_module("model.question_encoder_warmup_steps=5", "model.retrieval_loss_weight=0.5")
+    frozen.eval()
+    nll, _ = frozen.nll(batch, frozen.cfg.n_docs, frozen.cfg.loss_reduction)
+    torch.testing.assert_close(frozen.training_step(batch, 0), nll)
+
+
+def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module):
+    """model.answer_swap_prob=1 in training: the generator reads contexts whose answer is replaced by another
+    example's and is trained to give that answer (the gold curriculum puts each answer in the contexts)."""
+    from rag_lightning.models.augment import swap_answers
+
+    module, batch = tiny_module("model.answer_swap_prob=1.0", "model.gold_passage_steps=5")
+    module.eval()
+    module.training = True  # the module's own switch only: encoders and generator stay without dropout
+    torch.manual_seed(3)
+    loss = module.training_step(batch, 0)
+    ret = module.retrieve(batch, module.cfg.n_docs)
+    pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+    torch.manual_seed(3)
+    ids, mask, labels, dec_in = swap_answers(
+        ret["context_input_ids"], batch["labels"], n_docs=module.cfg.n_docs, pad_id=pad, eos_id=eos,
+        decoder_start_id=int(batch["decoder_input_ids"][0, 0]), prob=1.0,
+    )  # fmt: skip
+    assert not torch.equal(labels, batch["labels"])  # answers were swapped
+    logits = module.generator(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in.repeat_interleave(module.cfg.n_docs, 0)
+    ).logits
+    expected = rag_token_nll(logits, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
