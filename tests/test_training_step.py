@@ -172,6 +172,7 @@ def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module)
 
     module, batch = tiny_module("model.answer_swap_prob=1.0", "model.gold_passage_steps=5")
     module.eval()
+    _sharpen(module)  # a generator that reads its contexts, so swapped contexts change the loss
     module.training = True  # the module's own switch only: encoders and generator stay without dropout
     torch.manual_seed(3)
     loss = module.training_step(batch, 0)
@@ -188,3 +189,26 @@ def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module)
     ).logits
     expected = rag_token_nll(logits, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    unswapped_contexts = module.generator(
+        input_ids=ret["context_input_ids"], attention_mask=ret["context_attention_mask"],
+        decoder_input_ids=dec_in.repeat_interleave(module.cfg.n_docs, 0),
+    ).logits  # fmt: skip
+    other = rag_token_nll(unswapped_contexts, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
+    assert abs(other.item() - expected.item()) > 1e-3  # the batch tells swapped contexts from the originals
+
+
+def test_evaluation_never_swaps_answers(tiny_module):
+    # every passage of the tiny world is read (24), so each answer is in its contexts and could be swapped
+    module, batch = tiny_module("model.answer_swap_prob=1.0", "model.n_docs=24", "model.eval_n_docs=24")
+    module.eval()
+    _sharpen(module)
+    torch.manual_seed(3)
+    evaluated, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    module.cfg.answer_swap_prob = 0.0
+    plain, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    torch.testing.assert_close(evaluated, plain)
+    module.training = True  # the same batch in training does swap (the test above checks how)
+    module.cfg.answer_swap_prob = 1.0
+    torch.manual_seed(3)
+    trained, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    assert abs(trained.item() - plain.item()) > 1e-3
