@@ -212,3 +212,28 @@ def test_evaluation_never_swaps_answers(tiny_module):
     torch.manual_seed(3)
     trained, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
     assert abs(trained.item() - plain.item()) > 1e-3
+
+
+def test_the_step_logs_its_terms_under_their_dashboard_names(tiny_module):
+    """What a training step sends to the loggers: each term under its name, with the batch size (B), and the
+    loss on the progress bar."""
+    from rag_lightning.models.module import contrastive_retrieval_loss
+
+    module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
+    module.eval()
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.setdefault(name, (value, kwargs))
+    loss = module.training_step(batch, 0)
+    assert set(logged) == {"train/nll", "train/retrieval_loss", "train/doc_entropy", "train/distinct_passages",
+                           "train/question_encoder_frozen", "train/loss"}
+    assert all(kwargs["batch_size"] == 4 for _, kwargs in logged.values())
+    assert logged["train/loss"][1].get("prog_bar") is True
+    assert all(not kwargs.get("prog_bar") for name, (_, kwargs) in logged.items() if name != "train/loss")
+    nll, ret = module.nll(batch, module.cfg.n_docs, module.cfg.loss_reduction)
+    rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
+    contrastive = contrastive_retrieval_loss(ret["question_vectors"], module.retriever.vectors(rows), torch.tensor(rows))
+    torch.testing.assert_close(logged["train/loss"][0], loss)
+    torch.testing.assert_close(logged["train/nll"][0], nll)
+    torch.testing.assert_close(logged["train/retrieval_loss"][0], contrastive)
+    assert logged["train/question_encoder_frozen"][0] == 0.0
+    assert 0.0 < float(logged["train/distinct_passages"][0]) <= 1.0 and float(logged["train/doc_entropy"][0]) > 0.0
