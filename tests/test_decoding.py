@@ -485,3 +485,24 @@ def test_one_new_token_is_allowed_and_shapes_are_checked_on_both_sides():
         rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"expected context_input_ids \(B\*3, S\) and doc_scores \(B, 3\)"):
         rag_token_generate(generator, ctx, mask, scores[:-1], n_docs=N_DOCS)  # one example's scores missing
+
+
+@pytest.mark.parametrize(
+    ("seed", "eos_bias", "num_beams", "num_return"), [(0, 0.0, 2, 1), (0, 0.0, 3, 2), (1, 0.0, 1, 1), (2, 0.5, 4, 2)]
+)
+def test_rag_token_without_forced_eos_matches_transformers(seed, eos_bias, num_beams, num_return):
+    """Hypotheses that reach the length limit without EOS finish there, as in transformers' generate with
+    its forced EOS switched off."""
+    generator, ctx, mask, scores = make(seed, eos_bias)
+    model = reference("token", generator, tiny_question_encoder(), N_DOCS)
+    model.generation_config.forced_eos_token_id = None
+    ref = model.generate(
+        context_input_ids=ctx, context_attention_mask=mask, doc_scores=scores, n_docs=N_DOCS, num_beams=num_beams,
+        num_return_sequences=num_return, max_length=4, forced_eos_token_id=None,
+    )  # fmt: skip
+    ours = rag_token_generate(
+        generator, ctx, mask, scores, n_docs=N_DOCS, num_beams=num_beams, num_return_sequences=num_return,
+        max_new_tokens=3, forced_eos_token_id=None,
+    )  # fmt: skip
+    assert torch.equal(ours, ref)
+    assert not ours[:, -1].eq(EOS).all()  # some hypothesis ends at the limit without EOS

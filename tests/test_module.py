@@ -293,3 +293,24 @@ def test_the_model_section_is_saved_as_plain_hyperparameters():
     module = _module(freeze=False)
     assert dict(module.hparams) == {"model": json.loads(json.dumps(asdict(module.cfg), default=str))}
     assert module.hparams["model"]["mode"] == module.cfg.mode and module.hparams["model"]["n_docs"] == module.cfg.n_docs
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["training", "frozen"])
+def test_question_vectors_of_a_padded_batch_equal_each_question_alone(freeze):
+    """The encoder sees each question's attention mask: padding a short question in a batch changes nothing."""
+    from rag_lightning.models.encoders import load_encoder_tokenizer
+
+    tok = load_encoder_tokenizer(QuestionEncoderConfig(kind="tiny"))
+    module = _tiny_module(freeze_question_encoder=freeze)
+    module.eval()
+    questions = ["what is the capital city of the country of france?", "who wrote hamlet?"]
+    enc = tok(questions, padding=True, return_tensors="pt")
+    assert not enc["attention_mask"].all()
+    vectors = module.encode_questions({"questions": questions, "question_input_ids": enc["input_ids"],
+                                       "question_attention_mask": enc["attention_mask"]})
+    with torch.no_grad():
+        for i, question in enumerate(questions):
+            alone = tok([question], return_tensors="pt")
+            reference = module.question_encoder(input_ids=alone["input_ids"],
+                                                attention_mask=alone["attention_mask"]).pooler_output
+            torch.testing.assert_close(vectors[i : i + 1], reference, atol=1e-5, rtol=1e-5)

@@ -172,6 +172,7 @@ def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module)
 
     module, batch = tiny_module("model.answer_swap_prob=1.0", "model.gold_passage_steps=5")
     module.eval()
+    _sharpen(module)  # a generator that reads its contexts, so swapped contexts change the loss
     module.training = True  # the module's own switch only: encoders and generator stay without dropout
     torch.manual_seed(3)
     loss = module.training_step(batch, 0)
@@ -188,3 +189,51 @@ def test_answer_swapping_trains_on_the_swapped_contexts_and_answers(tiny_module)
     ).logits
     expected = rag_token_nll(logits, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    unswapped_contexts = module.generator(
+        input_ids=ret["context_input_ids"], attention_mask=ret["context_attention_mask"],
+        decoder_input_ids=dec_in.repeat_interleave(module.cfg.n_docs, 0),
+    ).logits  # fmt: skip
+    other = rag_token_nll(unswapped_contexts, ret["doc_scores"], labels, pad_token_id=pad, reduction="token_mean")
+    assert abs(other.item() - expected.item()) > 1e-3  # the batch tells swapped contexts from the originals
+
+
+def test_evaluation_never_swaps_answers(tiny_module):
+    # every passage of the tiny world is read (24), so each answer is in its contexts and could be swapped
+    module, batch = tiny_module("model.answer_swap_prob=1.0", "model.n_docs=24", "model.eval_n_docs=24")
+    module.eval()
+    _sharpen(module)
+    torch.manual_seed(3)
+    evaluated, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    module.cfg.answer_swap_prob = 0.0
+    plain, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    torch.testing.assert_close(evaluated, plain)
+    module.training = True  # the same batch in training does swap (the test above checks how)
+    module.cfg.answer_swap_prob = 1.0
+    torch.manual_seed(3)
+    trained, _ = module.nll(batch, module.cfg.n_docs, "token_mean")
+    assert abs(trained.item() - plain.item()) > 1e-3
+
+
+def test_the_step_logs_its_terms_under_their_dashboard_names(tiny_module):
+    """What a training step sends to the loggers: each term under its name, with the batch size (B), and the
+    loss on the progress bar."""
+    from rag_lightning.models.module import contrastive_retrieval_loss
+
+    module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
+    module.eval()
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.setdefault(name, (value, kwargs))
+    loss = module.training_step(batch, 0)
+    assert set(logged) == {"train/nll", "train/retrieval_loss", "train/doc_entropy", "train/distinct_passages",
+                           "train/question_encoder_frozen", "train/loss"}
+    assert all(kwargs["batch_size"] == 4 for _, kwargs in logged.values())
+    assert logged["train/loss"][1].get("prog_bar") is True
+    assert all(not kwargs.get("prog_bar") for name, (_, kwargs) in logged.items() if name != "train/loss")
+    nll, ret = module.nll(batch, module.cfg.n_docs, module.cfg.loss_reduction)
+    rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
+    contrastive = contrastive_retrieval_loss(ret["question_vectors"], module.retriever.vectors(rows), torch.tensor(rows))
+    torch.testing.assert_close(logged["train/loss"][0], loss)
+    torch.testing.assert_close(logged["train/nll"][0], nll)
+    torch.testing.assert_close(logged["train/retrieval_loss"][0], contrastive)
+    assert logged["train/question_encoder_frozen"][0] == 0.0
+    assert 0.0 < float(logged["train/distinct_passages"][0]) <= 1.0 and float(logged["train/doc_entropy"][0]) > 0.0
