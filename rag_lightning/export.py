@@ -9,11 +9,24 @@ plain transformers.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rag_lightning.config import ConfigError, DataConfig, ModelConfig, QuestionEncoderConfig
 from rag_lightning.files import write_text_atomic
+
+
+@dataclass(frozen=True)
+class PlainRetrieval:
+    """Where the run's passages are and how its contexts are cut: what the card's plain-FAISS code needs."""
+
+    store_dir: str
+    index_dir: str
+    index_type: str  # flat | hnsw | ivfpq
+    title_separator: str
+    context_max_length: int
+    layout: str  # question_first | passage_first
 
 
 def check_rag_export(model: ModelConfig) -> None:
@@ -51,6 +64,7 @@ def export_run(
     checkpoint: str | None = None,
     index_command: str | None = None,
     rag: bool = False,
+    retrieval: PlainRetrieval | None = None,
 ) -> Path:
     """Save both models with their tokenizers and write the model card; with ``rag``, also a transformers RAG
     checkpoint in `rag/`. Returns the export directory."""
@@ -82,6 +96,7 @@ def export_run(
         checkpoint=checkpoint,
         index_command=index_command,
         rag=rag,
+        retrieval=retrieval,
     )
     write_text_atomic(directory / "README.md", card)
     return directory
@@ -113,6 +128,7 @@ def model_card(
     checkpoint: str | None = None,
     index_command: str | None = None,
     rag: bool = False,
+    retrieval: PlainRetrieval | None = None,
 ) -> str:
     mode = model.mode.value if hasattr(model.mode, "value") else str(model.mode)
     copy = generator_class != "BartForConditionalGeneration"
@@ -186,4 +202,63 @@ def model_card(
         + (f' Answers{" with their passages" if model.retrieves else ""}: '
            f'`rag-predict ckpt_path={checkpoint} question="..."`.' if checkpoint else ""),
     ]
+    if retrieval is not None and model.retrieves:
+        lines += _plain_retrieval(retrieval, model, copy)
     return "\n".join(lines).strip() + "\n"
+
+
+def _plain_retrieval(r: PlainRetrieval, model: ModelConfig, copy: bool) -> list[str]:
+    """The card's second and third blocks: the run's top-k passages with numpy and FAISS, then answers with the
+    generator on each question's first passage (RAG with one passage is the generator on that context)."""
+    exact = (
+        "exact" if r.index_type == "flat" else
+        f"approximate, like the framework's search (a `{r.index_type}` index"
+        + ("; the framework re-ranks its candidates with the exact vectors, so the order can differ)"
+           if r.index_type == "ivfpq" else ")")
+    )
+    context = 'f"{q.strip()} // {passage(r)}"' if r.layout == "question_first" else 'f"{passage(r)} // {q.strip()}"'
+    lines = [
+        "",
+        "## Retrieval and answers without rag_lightning",
+        "",
+        "After the code above: the run's top-k passages from its FAISS index and corpus store (numpy arrays and "
+        f"FAISS's own format, no pickle), by inner product, best first ({exact}):",
+        "",
+        "```python",
+        "import faiss, numpy as np, torch",
+        "",
+        f'STORE, INDEX = "{r.store_dir}", "{r.index_dir}"',
+        "",
+        "def field(name):  # one column of the corpus store: row -> text",
+        '    values = np.load(f"{STORE}/{name}_values.npy", mmap_mode="r")',
+        '    offsets = np.load(f"{STORE}/{name}_offsets.npy")',
+        '    return lambda row: bytes(values[offsets[row]:offsets[row + 1]]).decode("utf-8")',
+        "",
+        'ids, titles, texts = field("ids"), field("titles"), field("texts")',
+        'index = faiss.read_index(f"{INDEX}/index.faiss")',
+        'questions = ["What is the capital of Chad?"]',
+        "with torch.no_grad():",
+        "    vectors = encoder(**tokenizer(questions, truncation=True, padding=True, return_tensors=\"pt\")).pooler_output",
+        f"scores, rows = index.search(vectors.numpy(), {model.eval_docs})",
+        "top_ids = [[ids(r) for r in row] for row in rows]",
+        "```",
+        "",
+    ]
+    if copy:
+        return lines
+    return lines + [
+        f"Answers from each question's first passage: the generator reads `question // title / text`, cut to "
+        f"{r.context_max_length} tokens (RAG over one passage is the generator on that context; over "
+        f"{model.eval_docs}, the mixture needs RAG's decoder: `rag-predict`, or `export_rag=true`'s `rag/`):",
+        "",
+        "```python",
+        "def passage(row):",
+        f'    return f"{{titles(row)}}{r.title_separator}{{texts(row)}}" if titles(row) else texts(row)',
+        "",
+        f"contexts = [{context} for q, r in zip(questions, rows[:, 0])]",
+        "inputs = generator_tokenizer(contexts, truncation=True, max_length="
+        f'{r.context_max_length}, padding=True, return_tensors="pt")',
+        f"generated = generator.eval().generate(**inputs, num_beams=1, max_new_tokens={model.decoding.max_new_tokens})",
+        "answers = [a.strip() for a in generator_tokenizer.batch_decode(generated, skip_special_tokens=True)]",
+        "```",
+    ]

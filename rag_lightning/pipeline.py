@@ -290,8 +290,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("export") and trainer.is_global_zero:
             if best and not splits:
                 module.load_state_dict(load_state_dict(best))
-            from rag_lightning.export import export_run
+            from rag_lightning.export import PlainRetrieval, export_run
 
+            retrieval = PlainRetrieval(
+                store_dir=str(Path(s.index.store_dir).resolve()),
+                index_dir=str(Path(s.index.dir).resolve()),
+                index_type=s.index.type,
+                title_separator=s.index.title_separator,
+                context_max_length=s.context.max_length,
+                layout=s.context.layout,
+            )
             export_dir = export_run(
                 module,
                 output_dir / "checkpoints" / "hf",
@@ -305,6 +313,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 checkpoint=best,
                 index_command=rebuild_command(cfg) if s.model.retrieves else None,
                 rag=bool(cfg.get("export_rag")),
+                retrieval=retrieval,
             )
             log.info("exported question encoder and generator, their tokenizers and a model card to %s", export_dir)
         results["time/total_s"] = round(time.time() - start, 1)

@@ -1,6 +1,7 @@
-"""Exports that work on their own: from `checkpoints/hf` alone, plain transformers (no rag_lightning import)
-reproduces the framework's question vectors, following the model card's own instructions; `export_rag=true`
-adds a transformers RAG checkpoint (its losses and answers: tests/test_rag_checkpoints.py)."""
+"""Exports that work on their own: from `checkpoints/hf` and the run's index alone, plain transformers, FAISS and
+numpy (no rag_lightning import) reproduce the framework's question vectors, top-k passages and answers, following
+the model card's own code; `export_rag=true` adds a transformers RAG checkpoint (its losses and answers:
+tests/test_rag_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -24,27 +25,29 @@ QUESTIONS = [
     "In which city, " + "after a long and winding description of rivers and hills, " * 8 + "is the parliament?",
 ]
 
-# what a user of the export runs: the model card's code, then the vectors of the questions
+# what a user of the export runs: the model card's three code blocks (load; retrieve; answer) on the questions
 PLAIN = textwrap.dedent(
     """
     import json, re, sys
     card = open("README.md").read()
-    code = re.search(r"```python\\n(.*?)```", card, re.S).group(1)
-    scope = {}
-    exec(code, scope)  # the card's "How to load"
-    tokenizer, encoder = scope["tokenizer"], scope["encoder"]
-    import torch
-    questions = json.loads(sys.argv[1])
-    with torch.no_grad():
-        vectors = encoder(**tokenizer(questions, truncation=True, padding=True, return_tensors="pt")).pooler_output
+    load, retrieve, answer = re.findall(r"```python\\n(.*?)```", card, re.S)
+    example = 'questions = ["What is the capital of Chad?"]'
+    assert example in retrieve
+    scope = {"json": json, "sys": sys}
+    for code in (load, retrieve.replace(example, "questions = json.loads(sys.argv[1])"), answer):
+        exec(code, scope)
     assert not [m for m in sys.modules if m.startswith("rag_lightning")], "the check imported rag_lightning"
-    print(json.dumps({"vectors": vectors.tolist(), "generator": type(scope["generator"]).__name__}))
+    print(json.dumps({"vectors": scope["vectors"].tolist(), "generator": type(scope["generator"]).__name__,
+                      "top_ids": scope["top_ids"], "answers": scope["answers"],
+                      "generated": scope["generated"].tolist()}))
     """
 )
 
 
-def test_export_alone_reproduces_question_vectors(tmp_path, tiny_train_config) -> None:
-    results = train(tiny_train_config(tmp_path, "trainer.max_epochs=1", "export_rag=true"))
+def test_export_alone_reproduces_vectors_passages_and_answers(tmp_path, tiny_train_config) -> None:
+    # trained until the generator writes answers (a generator that only ends its answers would prove little)
+    results = train(tiny_train_config(tmp_path, "trainer.max_epochs=30", "trainer.check_val_every_n_epoch=30",
+                                      "model.optim.lr=1e-2", "export_rag=true"))
     run = tmp_path / "run"
     export = run / "checkpoints" / "hf"
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= {
@@ -58,6 +61,9 @@ def test_export_alone_reproduces_question_vectors(tmp_path, tiny_train_config) -
     assert batch["question_input_ids"].shape[1] == 64  # the long question was truncated
     with torch.no_grad():
         ours = module.encode_questions(batch)
+        top_ids = module.retrieve(batch, module.cfg.eval_docs)["passage_ids"]
+        first = module.retrieve(batch, 1)  # RAG over the first passage alone
+        answers, generated = module.answer(batch, first), module.generate(batch, first).tolist()
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(QUESTIONS)], cwd=export, env=env,
@@ -66,6 +72,9 @@ def test_export_alone_reproduces_question_vectors(tmp_path, tiny_train_config) -
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain["generator"] == "BartForConditionalGeneration"
     torch.testing.assert_close(torch.tensor(plain["vectors"]), ours, atol=1e-5, rtol=0)
+    assert plain["top_ids"] == top_ids and len(top_ids[0]) == 2
+    assert plain["generated"] == generated
+    assert plain["answers"] == answers and any(answers)
 
     # the model card: what it was trained on, the run's metrics, how to load it
     card = (export / "README.md").read_text()
