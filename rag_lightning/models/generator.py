@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
 
 from rag_lightning.config import ConfigError, GeneratorConfig
 from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
@@ -40,7 +46,12 @@ def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) ->
         if cfg.question_match_unique:
             extra["question_match_unique"] = True
     if cfg.kind == "pretrained":
-        model = model_class.from_pretrained(cfg.name_or_path, trust_remote_code=False, **extra)
+        # the copy head's options go into the loaded config (from_pretrained would pass unknown keywords to
+        # __init__); a plain BART checkpoint then gets the head's new layers from their initialisation
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        model = model_class.from_pretrained(cfg.name_or_path, config=config, trust_remote_code=False)
     elif cfg.kind == "rag":
         from rag_lightning.models.rag_checkpoint import rag_generator
 
