@@ -271,6 +271,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 check_rag_export(sections(cfg).model)
             s, module, datamodule = setup(cfg)
             ckpt_path = resolve_ckpt_path(cfg)
+            if ckpt_path:
+                check_checkpoint_fits(module, ckpt_path)
         group_sweep_runs(cfg)
         name_mlflow_run(cfg)
         save_resolved_config(cfg, output_dir)
@@ -345,9 +347,33 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 def load_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint, read without unpickling arbitrary objects."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return ckpt["state_dict"]
+    """Model weights from a Lightning checkpoint, read without unpickling arbitrary objects; a truncated or
+    corrupt file is a user error naming it and the run's other checkpoints."""
+    from rag_lightning.resume import checkpoint_problem, others
+
+    problem = checkpoint_problem(Path(ckpt_path))
+    if problem:
+        raise ConfigError(f"{problem}. Fix: use another checkpoint of the run (there: {others(Path(ckpt_path))})")
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def check_checkpoint_fits(module: Any, ckpt_path: str | Path) -> None:
+    """A checkpoint to resume from must hold exactly the weights this config builds, shapes included;
+    checked before anything is written into the run directory."""
+    saved, own = load_state_dict(ckpt_path), module.state_dict()
+    problems = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        for k, v in saved.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    problems += [f"{k}: only in the model" for k in sorted(set(own) - set(saved))]
+    problems += [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(own))]
+    if problems:
+        shown = "\n  - ".join(problems[:8]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ConfigError(
+            f"{ckpt_path} does not fit the model this config builds:\n  - {shown}\nFix: resume with the run's "
+            "own model settings (drop the overrides of model.* that change its shape)"
+        )
 
 
 def log_effective_batch(trainer: L.Trainer, loader: LoaderConfig) -> None:
@@ -421,8 +447,9 @@ def load_trained(run_cfg: DictConfig, ckpt_path: str, output_dir: str) -> tuple[
     """Module and data module of a trained run, weights from `ckpt_path`."""
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = output_dir
+    weights = load_state_dict(ckpt_path)  # a damaged checkpoint stops before the index is opened
     _, module, datamodule = setup(run_cfg)
-    module.load_state_dict(load_state_dict(ckpt_path))
+    module.load_state_dict(weights)
     module.eval()
     return module, datamodule
 
@@ -521,5 +548,5 @@ def index(cfg: DictConfig) -> dict[str, str]:
             "tokenizer directory (rag-train builds the index with its generator's own tokenizer instead)"
         )
     spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
-    store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer))
+    store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer), full_check=True)
     return describe(store.dir, index_dir)
