@@ -33,6 +33,7 @@ from rag_lightning.config import (
     PathsConfig,
     QuestionEncoderConfig,
     check_corpus_size,
+    check_trainer,
     section,
 )
 from rag_lightning.files import write_json_atomic, write_text_atomic
@@ -247,6 +248,45 @@ def report_hint(output_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """Why wandb could not sync live from here (no API key, or its server out of reach), or None."""
+    import netrc
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            known = netrc.netrc().authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            known = None
+        if not known:
+            return f"no wandb API key (WANDB_API_KEY or `wandb login`) for {host}"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err})"
+    return None
+
+
+def wandb_offline_unless_reachable(cfg: DictConfig) -> None:
+    """`logger.wandb.offline=false` without an account or network goes on offline with a warning (wandb alone
+    stops with a UsageError, or waits ~100 s and fails); the offline run can be synced later."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg or wandb_cfg.get("offline", True):
+        return
+    reason = wandb_unreachable()
+    if reason:
+        log.warning(
+            "logger.wandb.offline=false but %s: logging offline instead; upload later with "
+            "`wandb sync %s/wandb/offline-run-*`",
+            reason,
+            cfg.paths.output_dir,
+        )
+        wandb_cfg.offline = True
+
+
 def finish_loggers() -> None:
     """Close the wandb run whatever happened, so one failed job does not spoil a sweep."""
     try:
@@ -265,6 +305,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with cleaned_on_user_error(output_dir):
+            check_trainer(cfg.get("trainer"))
             if cfg.get("export") and cfg.get("export_rag"):
                 from rag_lightning.export import check_rag_export
 
@@ -275,6 +316,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 check_checkpoint_fits(module, ckpt_path)
         group_sweep_runs(cfg)
         name_mlflow_run(cfg)
+        wandb_offline_unless_reachable(cfg)
         save_resolved_config(cfg, output_dir)
         trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
         log_effective_batch(trainer, s.loader)
