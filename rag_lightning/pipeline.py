@@ -318,7 +318,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         name_mlflow_run(cfg)
         wandb_offline_unless_reachable(cfg)
         save_resolved_config(cfg, output_dir)
-        trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
+        from rag_lightning.resume import atomic_checkpoint_io
+
+        plugins = {} if cfg.trainer.get("plugins") else {"plugins": [atomic_checkpoint_io()]}
+        trainer = build_trainer(
+            cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")), **plugins
+        )
         log_effective_batch(trainer, s.loader)
         if trainer.is_global_zero:
             from rag_lightning.tracking import log_overrides

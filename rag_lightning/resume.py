@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rag_lightning.errors import UserError
 
@@ -101,3 +102,55 @@ def prepare(argv: list[str]) -> tuple[list[str], Snapshot | None]:
     keys = {_key(a) for a in args if "=" in a} | set(DROPPED)
     kept = [str(o) for o in recorded if _key(str(o)) not in keys]
     return [argv[0], *kept, *args], Snapshot.of(run)
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, file too large); the previous ones are intact."""
+
+
+def _checkpoint_io() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's checkpoint writer, atomically: a temporary name, fsync, rename. Lightning alone truncates
+        `last.ckpt` before writing it again, so a full disk or a kill mid-write leaves no usable checkpoint."""
+
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            import errno
+            import os
+            import shutil
+
+            import torch
+
+            if "://" in str(path):  # remote storage: Lightning's own writer
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except (OSError, RuntimeError) as err:  # torch.save turns a failed write into a RuntimeError
+                tmp.unlink(missing_ok=True)
+                cause: BaseException | None = err
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if not isinstance(cause, OSError) or cause.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+                free = shutil.disk_usage(target.parent).free / 2**30
+                raise CheckpointWriteError(
+                    f"cannot write the checkpoint {target}: {cause.strerror} (the disk of {target.parent}, "
+                    f"{free:.1f} GiB free, or a file size limit). The checkpoints written before are intact. Fix: "
+                    f"free space, then resume: rag-train run_dir={target.parent.parent} ckpt_path=last"
+                ) from err
+            return None
+
+    return AtomicCheckpointIO
+
+
+def atomic_checkpoint_io() -> Any:
+    """A Lightning CheckpointIO plugin that writes checkpoints atomically (see ``_checkpoint_io``)."""
+    return _checkpoint_io()()
