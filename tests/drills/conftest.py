@@ -34,8 +34,9 @@ class Proc:
 
 
 def run_script(root: Path, script: str, *args: str, timeout: int = 300, env: dict[str, str] | None = None,
-               drop: tuple[str, ...] = ()) -> Proc:
-    """`script args...` as a user runs it: a subprocess in root, this checkout first on the path."""
+               drop: tuple[str, ...] = (), max_file_bytes: int | None = None) -> Proc:
+    """`script args...` as a user runs it: a subprocess in root, this checkout first on the path;
+    ``max_file_bytes`` caps the size of any file it writes (RLIMIT_FSIZE: writes beyond fail like a full disk)."""
     full = {**os.environ, **QUIET, "RAG_ROOT": str(root), **(env or {})}
     full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     for key in ("RAG_DEBUG", "HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -44,14 +45,37 @@ def run_script(root: Path, script: str, *args: str, timeout: int = 300, env: dic
             full.pop(key, None)
     installed = Path(sys.executable).with_name(script)
     command = [str(installed)] if installed.is_file() else [sys.executable, "-m", f"rag_lightning.{script[4:]}"]
-    proc = subprocess.run([*command, *args], cwd=root, env=full, capture_output=True, text=True, timeout=timeout)
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    proc = subprocess.run([*command, *args], cwd=root, env=full, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if max_file_bytes else None)
     return Proc(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_script(root: Path, script: str, *args: str) -> subprocess.Popen:
+    """`script args...` started in the background (to be killed), output discarded."""
+    full = {**os.environ, **QUIET, "RAG_ROOT": str(root)}
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    installed = Path(sys.executable).with_name(script)
+    command = [str(installed)] if installed.is_file() else [sys.executable, "-m", f"rag_lightning.{script[4:]}"]
+    return subprocess.Popen([*command, *args], cwd=root, env=full, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")
 def script() -> Callable[..., Proc]:
-    """``script(root, "rag-train", *args, timeout=300, env=None, drop=())``: a console script in a subprocess."""
+    """``script(root, "rag-train", *args, timeout=300, env=None, drop=(), max_file_bytes=None)``: a console
+    script in a subprocess."""
     return run_script
+
+
+@pytest.fixture(scope="session")
+def start() -> Callable[..., subprocess.Popen]:
+    """``start(root, "rag-train", *args)``: a console script started in the background."""
+    return start_script
 
 
 @dataclass
