@@ -88,3 +88,18 @@ def fingerprint_problem(path: str | os.PathLike[str], record: dict[str, Any] | N
     if full and record.get("sha256") and sha256_file(p) != record["sha256"]:
         return f"{p} does not match its recorded sha256 (its content changed since it was written)"
     return None
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], pattern: str = "*.tmp*") -> list[Path]:
+    """Delete what a killed writer left under a temporary name in ``directory`` (call it while holding the
+    lock that serialises the writers); returns what was removed."""
+    import shutil
+
+    removed = []
+    for path in Path(directory).glob(pattern):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

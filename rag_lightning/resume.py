@@ -127,6 +127,9 @@ def _checkpoint_io() -> type:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            from rag_lightning.files import remove_stale_temporaries
+
+            remove_stale_temporaries(target.parent, f".{target.name}.tmp-*")  # a killed write's
             try:
                 with open(tmp, "wb") as f:
                     torch.save(checkpoint, f)

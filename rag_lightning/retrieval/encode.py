@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from rag_lightning.files import fingerprint, fingerprint_problem, write_json_atomic
+from rag_lightning.files import fingerprint, fingerprint_problem, remove_stale_temporaries, write_json_atomic
 from rag_lightning.models.encoders import encode_texts, encoder_fingerprint
 from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.store import CorpusStore
@@ -41,11 +41,14 @@ def _shard_path(out_dir: Path, shard: int) -> Path:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -174,6 +177,8 @@ def encode_passages(
         pad_id = int(getattr(getattr(ctx_encoder, "config", None), "pad_token_id", None) or 0)
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in (out, out / "shards"):  # half-written files of a killed run (the caller holds the build lock)
+        remove_stale_temporaries(stale)
     n = len(store)
     n_shards = max(1, -(-n // shard_size))
     state = {

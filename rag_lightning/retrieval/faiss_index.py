@@ -26,7 +26,7 @@ import numpy as np
 
 from rag_lightning.config import INDEX_TYPES, SEARCH_KEYS, ConfigError, IndexConfig
 from rag_lightning.errors import UserError
-from rag_lightning.files import fingerprint_problem, sampled_sha256, sha256_file
+from rag_lightning.files import fingerprint_problem, remove_stale_temporaries, sampled_sha256, sha256_file
 from rag_lightning.retrieval.store import manifest_differences
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class PassageIndex:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is incomplete until it is rewritten
+        remove_stale_temporaries(out)  # what a killed save left
         vectors_path = out / VECTORS_FILE
         source = Path(getattr(self.vectors, "filename", "") or "")
         if source.resolve() != vectors_path.resolve():

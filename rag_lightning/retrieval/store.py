@@ -30,7 +30,7 @@ import numpy as np
 
 from rag_lightning.data.pieces import piece_ids
 from rag_lightning.errors import UserError
-from rag_lightning.files import fingerprint, fingerprint_problem
+from rag_lightning.files import fingerprint, fingerprint_problem, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class CorpusStore:
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_temporaries(out.parent, f".{out.name}.tmp-*")  # killed builds' (callers hold the build lock)
         tmp.mkdir()
         _check_piecewise(gen_tokenizer, title_separator)
         writers = {name: RaggedWriter(tmp, name, dtype) for name, dtype in FIELDS.items()}

@@ -115,3 +115,19 @@ def test_a_truncated_shard_is_encoded_again_on_resume(tmp_path, synthetic_passag
     resumed = encode_passages(encoder, store, tmp_path / "b", shard_size=8, progress=False, on_shard_done=again.append)
     assert again == [0, 2, 3]  # the damaged shard and the two never written
     np.testing.assert_array_equal(np.asarray(resumed), whole)
+
+
+def test_what_killed_writers_left_under_temporary_names_is_cleared(drill_world, script, stray_temporaries):
+    """A kill -9 mid-write leaves a temporary file (the real one is only ever replaced by rename); the next
+    build under the same lock clears them: no stray .tmp files pile up in the cache."""
+    vectors_dir, index_dir = drill_world.cache("vectors"), drill_world.cache("indexes")
+    (vectors_dir / "shards").mkdir(exist_ok=True)
+    planted = [vectors_dir / "vectors.npy.tmp", vectors_dir / "shards" / "shard_00000.npy.tmp",
+               index_dir / "index.faiss.tmp", index_dir / "index_manifest.json.tmp"]
+    for path in planted:
+        path.write_bytes(b"half a file")
+    (vectors_dir / "vectors.npy").unlink()  # the encoder's copy gone: the index rebuild re-encodes
+    (index_dir / "index_manifest.json").unlink()
+    done = script(drill_world.root, "rag-index", *drill_world.index_overrides)
+    assert done.code == 0, done.output[-3000:]
+    assert not stray_temporaries(drill_world.root / "cache")
