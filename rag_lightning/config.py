@@ -341,13 +341,17 @@ class PathsConfig:
 
 # ------------------------------------------------------------------------------------------ building
 def _positive(key: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):  # written so that nan fails too
+    if not math.isfinite(value):  # nan passes every comparison below
         raise ConfigError(f"{key}={value} must be a finite number > 0")
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
-    if not (value >= low and math.isfinite(value)):
+    if not math.isfinite(value):
         raise ConfigError(f"{key}={value} must be a finite number >= {low}")
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}")
 
 
 # Lightning Trainer arguments and the types they take (the trainer group is instantiated, not typed: a wrong
