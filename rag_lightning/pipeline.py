@@ -36,6 +36,7 @@ from rag_lightning.config import (
     check_trainer,
     section,
 )
+from rag_lightning.errors import UserError
 from rag_lightning.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             from rag_lightning.tracking import log_overrides
 
             log_overrides(trainer.loggers, job_overrides(cfg))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except RuntimeError as err:
+            if trainer.world_size > 1 and peer_lost(err):
+                raise RankLostError(
+                    f"a DDP process of this job stopped ({str(err).splitlines()[0][:200]}): training stops here; the "
+                    f"checkpoints written before are intact. Fix: see the ranks' logs ({output_dir}/*.log), then "
+                    f"resume: rag-train run_dir={output_dir} ckpt_path=last"
+                ) from err
+            raise
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best = best_checkpoint(trainer)
         splits = list(s.data.test_files()) if cfg.get("test") else []
@@ -367,6 +377,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return results
     finally:
         finish_loggers()
+
+
+class RankLostError(UserError, RuntimeError):
+    """Another process of a DDP job died (killed, out of memory): this one stops instead of hanging."""
+
+
+# what torch.distributed says when a peer's connection goes away (gloo) or a collective is aborted (NCCL)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "ProcessGroupNCCL")
+
+
+def peer_lost(err: BaseException) -> bool:
+    return any(marker in str(err) for marker in PEER_LOST)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

@@ -55,14 +55,15 @@ def run_script(root: Path, script: str, *args: str, timeout: int = 300, env: dic
     return Proc(proc.returncode, proc.stdout, proc.stderr)
 
 
-def start_script(root: Path, script: str, *args: str) -> subprocess.Popen:
-    """`script args...` started in the background (to be killed), output discarded."""
+def start_script(root: Path, script: str, *args: str, output: Path | None = None) -> subprocess.Popen:
+    """`script args...` started in the background (to be killed); stdout and stderr go to ``output`` (else
+    discarded)."""
     full = {**os.environ, **QUIET, "RAG_ROOT": str(root)}
     full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     installed = Path(sys.executable).with_name(script)
     command = [str(installed)] if installed.is_file() else [sys.executable, "-m", f"rag_lightning.{script[4:]}"]
-    return subprocess.Popen([*command, *args], cwd=root, env=full, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    sink = open(output, "w") if output else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+    return subprocess.Popen([*command, *args], cwd=root, env=full, stdout=sink, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +75,7 @@ def script() -> Callable[..., Proc]:
 
 @pytest.fixture(scope="session")
 def start() -> Callable[..., subprocess.Popen]:
-    """``start(root, "rag-train", *args)``: a console script started in the background."""
+    """``start(root, "rag-train", *args, output=None)``: a console script started in the background."""
     return start_script
 
 

@@ -149,3 +149,42 @@ def test_a_nan_weight_in_a_resumed_checkpoint_stops_at_that_step_and_keeps_the_c
     assert done.code == 2 and "Traceback" not in done.output, done.output[-3000:]
     assert "is nan at step 2" in error_line(done.err) or "not finite at step 2" in error_line(done.err)
     assert files_of(run / "checkpoints") == before
+
+
+RANK_LOST_TIMEOUT_S = 60  # the stated bound: a DDP job whose other rank died stops within this
+
+
+def test_a_ddp_job_whose_rank_is_killed_stops_with_a_message_and_resumes(drill_world, script, start, tmp_path):
+    """Two gloo processes (`trainer=ddp_cpu`); rank 1 killed with SIGKILL after the first checkpoint: the job
+    stops within RANK_LOST_TIMEOUT_S (Lightning's watch looks every 5 s) with exit status 2 and a message naming
+    the resume command (it used to be SIGKILLed silently, or die with gloo's traceback), and the run resumes from
+    its last checkpoint."""
+    import os
+    import subprocess
+
+    run, output = tmp_path / "ddp", tmp_path / "ddp.out"
+    proc = start(drill_world.root, "rag-train", *drill_world.overrides, "trainer=ddp_cpu", "trainer.max_epochs=100",
+                 "logger=csv", "test=false", "export=false", f"run_dir={run}", output=output)
+    rank1 = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / LAST).is_file():  # rank 1 is rank 0's child (Lightning's subprocess launcher)
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if children:
+                rank1 = int(children[0])
+                break
+        time.sleep(0.2)
+    assert rank1 is not None, "rank 1 never started, or the job ended first"
+    os.kill(rank1, signal.SIGKILL)
+    killed_at = time.time()
+    code = proc.wait(timeout=RANK_LOST_TIMEOUT_S + 30)
+    assert time.time() - killed_at < RANK_LOST_TIMEOUT_S
+    text = output.read_text()
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    assert "a DDP process of this job stopped" in error_line(text) and f"run_dir={run} ckpt_path=last" in text
+    assert "rank 1" in error_line(text) or "Connection closed by peer" in error_line(text)
+    saved = torch.load(run / LAST, map_location="cpu", weights_only=True)["global_step"]
+    resumed = script(drill_world.root, "rag-train", f"run_dir={run}", "ckpt_path=last",
+                     f"trainer.max_epochs={saved // 2 + 1}", timeout=240)
+    assert resumed.code == 0 and "Traceback" not in resumed.output, resumed.output[-3000:]
+    assert torch.load(run / LAST, map_location="cpu", weights_only=True)["global_step"] == saved + 2
