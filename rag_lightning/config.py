@@ -9,6 +9,7 @@ and only set what differs or what is a path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
@@ -340,13 +341,37 @@ class PathsConfig:
 
 # ------------------------------------------------------------------------------------------ building
 def _positive(key: str, value: float) -> None:
+    if not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{key}={value} must be a finite number > 0")
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number >= {low}")
     if value < low:
         raise ConfigError(f"{key}={value} must be >= {low}")
+
+
+# Lightning Trainer arguments and the types they take (the trainer group is instantiated, not typed: a wrong
+# type would surface as a TypeError deep inside Lightning, without the key)
+TRAINER_INTS = ("max_steps", "max_epochs", "min_steps", "min_epochs", "log_every_n_steps", "accumulate_grad_batches",
+                "check_val_every_n_epoch", "num_sanity_val_steps", "num_nodes")
+TRAINER_NUMBERS = ("val_check_interval", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+                   "limit_predict_batches", "gradient_clip_val")
+
+
+def check_trainer(node: Any, prefix: str = "trainer") -> None:
+    """The numeric Trainer arguments of the `trainer` group have numeric values (null allowed)."""
+    for key in (*TRAINER_INTS, *TRAINER_NUMBERS):
+        value = node.get(key) if node is not None else None
+        if value is None:
+            continue
+        wanted = (int,) if key in TRAINER_INTS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted) or not math.isfinite(value):
+            kind = "an integer" if key in TRAINER_INTS else "a number"
+            raise ConfigError(f"{prefix}.{key}={value!r} must be {kind}. Fix: pass {prefix}.{key}=<{kind[2:].strip()}>")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

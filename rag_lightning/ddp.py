@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -126,12 +127,50 @@ def forget_previous_launch() -> None:
     _previous_launch.clear()
 
 
+class RankWatch(_ChildProcessObserver):
+    """Lightning's watch over the child ranks (every 5 s; a dead rank gets the whole job killed so no rank hangs
+    in a collective), ending with a message and exit status 2 instead of a silent SIGKILL of rank 0."""
+
+    def __init__(self, *args: Any, output_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.output_dir = output_dir
+
+    def _terminate_all(self) -> None:
+        dead = [(i + 1, p.pid, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
+        for proc in self._child_processes:
+            proc.send_signal(self._termination_signal)
+        where = self.output_dir or "<the run directory>"
+        ranks = ", ".join(f"rank {rank} (pid {pid}) ended with {code}" for rank, pid, code in dead)
+        print(
+            f"error: a DDP process of this job stopped: {ranks}; the job stops (no rank is left waiting). The "
+            f"checkpoints written before are intact. Fix: see the ranks' logs ({where}/*.log), then resume: "
+            f"rag-train run_dir={where} ckpt_path=last",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+
 class HydraJobLauncher(_SubprocessScriptLauncher):
-    """Lightning's subprocess launcher with children that re-run the current Hydra job only."""
+    """Lightning's subprocess launcher with children that re-run the current Hydra job only, and a watch over
+    them that ends the job with a message when one dies (:class:`RankWatch`)."""
 
     def __init__(self, *args: Any, entry_module: str | None = "rag_lightning.train", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.entry_module = entry_module
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        """Lightning's launch (lightning/pytorch/strategies/launchers/subprocess_script.py) with RankWatch."""
+        from hydra.core.hydra_config import HydraConfig
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            output_dir = str(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+            RankWatch(main_pid=os.getpid(), child_processes=self.procs, output_dir=output_dir).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
     def _call_children_scripts(self) -> None:
         from hydra.core.hydra_config import HydraConfig

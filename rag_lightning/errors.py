@@ -29,7 +29,7 @@ def user_message(err: BaseException) -> str:
     return str(err)
 
 
-def _exit_with(message: str) -> None:
+def exit_with(message: str) -> None:
     print(f"error: {message}\n{DEBUG_HINT}", file=sys.stderr)
     raise SystemExit(2) from None
 
@@ -44,7 +44,7 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
         except (UserError, FileNotFoundError, MissingMandatoryValue) as err:
             if os.environ.get("RAG_DEBUG"):
                 raise
-            _exit_with(user_message(err))
+            exit_with(user_message(err))
 
     return wrapper
 
@@ -76,7 +76,7 @@ def friendly_hydra_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         except (ConfigCompositionException, OverrideParseException) as err:
             if os.environ.get("RAG_DEBUG") or before == "1":
                 raise
-            _exit_with(composition_message(err))
+            exit_with(composition_message(err))
         finally:
             if before is None:
                 os.environ.pop("HYDRA_FULL_ERROR", None)

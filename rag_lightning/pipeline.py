@@ -33,8 +33,10 @@ from rag_lightning.config import (
     PathsConfig,
     QuestionEncoderConfig,
     check_corpus_size,
+    check_trainer,
     section,
 )
+from rag_lightning.errors import UserError
 from rag_lightning.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,45 @@ def report_hint(output_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def wandb_unreachable(timeout: float = 3.0) -> str | None:
+    """Why wandb could not sync live from here (no API key, or its server out of reach), or None."""
+    import netrc
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            known = netrc.netrc().authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            known = None
+        if not known:
+            return f"no wandb API key (WANDB_API_KEY or `wandb login`) for {host}"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} cannot be reached ({err})"
+    return None
+
+
+def wandb_offline_unless_reachable(cfg: DictConfig) -> None:
+    """`logger.wandb.offline=false` without an account or network goes on offline with a warning (wandb alone
+    stops with a UsageError, or waits ~100 s and fails); the offline run can be synced later."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg or wandb_cfg.get("offline", True):
+        return
+    reason = wandb_unreachable()
+    if reason:
+        log.warning(
+            "logger.wandb.offline=false but %s: logging offline instead; upload later with "
+            "`wandb sync %s/wandb/offline-run-*`",
+            reason,
+            cfg.paths.output_dir,
+        )
+        wandb_cfg.offline = True
+
+
 def finish_loggers() -> None:
     """Close the wandb run whatever happened, so one failed job does not spoil a sweep."""
     try:
@@ -265,22 +306,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     try:
         with cleaned_on_user_error(output_dir):
+            check_trainer(cfg.get("trainer"))
             if cfg.get("export") and cfg.get("export_rag"):
                 from rag_lightning.export import check_rag_export
 
                 check_rag_export(sections(cfg).model)
             s, module, datamodule = setup(cfg)
             ckpt_path = resolve_ckpt_path(cfg)
+            if ckpt_path:
+                check_checkpoint_fits(module, ckpt_path)
         group_sweep_runs(cfg)
         name_mlflow_run(cfg)
+        wandb_offline_unless_reachable(cfg)
         save_resolved_config(cfg, output_dir)
-        trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
+        from rag_lightning.resume import atomic_checkpoint_io
+
+        plugins = {} if cfg.trainer.get("plugins") else {"plugins": [atomic_checkpoint_io()]}
+        trainer = build_trainer(
+            cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")), **plugins
+        )
         log_effective_batch(trainer, s.loader)
         if trainer.is_global_zero:
             from rag_lightning.tracking import log_overrides
 
             log_overrides(trainer.loggers, job_overrides(cfg))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except RuntimeError as err:
+            if trainer.world_size > 1 and peer_lost(err):
+                raise RankLostError(
+                    f"a DDP process of this job stopped ({str(err).splitlines()[0][:200]}): training stops here; the "
+                    f"checkpoints written before are intact. Fix: see the ranks' logs ({output_dir}/*.log), then "
+                    f"resume: rag-train run_dir={output_dir} ckpt_path=last"
+                ) from err
+            raise
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best = best_checkpoint(trainer)
         splits = list(s.data.test_files()) if cfg.get("test") else []
@@ -329,6 +388,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_loggers()
 
 
+class RankLostError(UserError, RuntimeError):
+    """Another process of a DDP job died (killed, out of memory): this one stops instead of hanging."""
+
+
+# what torch.distributed says when a peer's connection goes away (gloo) or a collective is aborted (NCCL)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker", "ProcessGroupNCCL")
+
+
+def peer_lost(err: BaseException) -> bool:
+    return any(marker in str(err) for marker in PEER_LOST)
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, ""):
@@ -354,9 +425,33 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 def load_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint, read without unpickling arbitrary objects."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return ckpt["state_dict"]
+    """Model weights from a Lightning checkpoint, read without unpickling arbitrary objects; a truncated or
+    corrupt file is a user error naming it and the run's other checkpoints."""
+    from rag_lightning.resume import checkpoint_problem, others
+
+    problem = checkpoint_problem(Path(ckpt_path))
+    if problem:
+        raise ConfigError(f"{problem}. Fix: use another checkpoint of the run (there: {others(Path(ckpt_path))})")
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def check_checkpoint_fits(module: Any, ckpt_path: str | Path) -> None:
+    """A checkpoint to resume from must hold exactly the weights this config builds, shapes included;
+    checked before anything is written into the run directory."""
+    saved, own = load_state_dict(ckpt_path), module.state_dict()
+    problems = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        for k, v in saved.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    problems += [f"{k}: only in the model" for k in sorted(set(own) - set(saved))]
+    problems += [f"{k}: only in the checkpoint" for k in sorted(set(saved) - set(own))]
+    if problems:
+        shown = "\n  - ".join(problems[:8]) + (f"\n  ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ConfigError(
+            f"{ckpt_path} does not fit the model this config builds:\n  - {shown}\nFix: resume with the run's "
+            "own model settings (drop the overrides of model.* that change its shape)"
+        )
 
 
 def log_effective_batch(trainer: L.Trainer, loader: LoaderConfig) -> None:
@@ -430,8 +525,9 @@ def load_trained(run_cfg: DictConfig, ckpt_path: str, output_dir: str) -> tuple[
     """Module and data module of a trained run, weights from `ckpt_path`."""
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = output_dir
+    weights = load_state_dict(ckpt_path)  # a damaged checkpoint stops before the index is opened
     _, module, datamodule = setup(run_cfg)
-    module.load_state_dict(load_state_dict(ckpt_path))
+    module.load_state_dict(weights)
     module.eval()
     return module, datamodule
 
@@ -530,5 +626,5 @@ def index(cfg: DictConfig) -> dict[str, str]:
             "tokenizer directory (rag-train builds the index with its generator's own tokenizer instead)"
         )
     spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
-    store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer))
+    store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer), full_check=True)
     return describe(store.dir, index_dir)

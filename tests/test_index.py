@@ -108,9 +108,10 @@ def test_truncated_or_corrupt_files_get_clear_errors(flat: PassageIndex, tmp_pat
     with pytest.raises(IndexCorruptError, match="sha256"):
         PassageIndex.load(tmp_path, expect=MANIFEST)
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    from rag_lightning.files import sha256_file
+    from rag_lightning.files import sampled_sha256, sha256_file
 
     manifest["index_sha256"] = sha256_file(path)  # damaged file whose checksum was recorded: faiss must fail
+    manifest["index_sampled_sha256"] = sampled_sha256(path)
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(IndexCorruptError, match="faiss cannot read"):
         PassageIndex.load(tmp_path, expect=MANIFEST)

@@ -18,7 +18,7 @@ LAYERS = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
-    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export"}),
+    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export", "resume"}),
     ("entry points", {"prepare", "index", "train", "eval", "predict", "report"}),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from rag_lightning.config import ConfigError
 from rag_lightning.data.readers import QAExample, read_qa
 from rag_lightning.padding import pad_right
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,9 +53,19 @@ def encode_examples(
     # ids placed in a context and the answer ids copied from a passage tokenise as they do inside text
     questions = [" " + ex.question.strip() for ex in examples]
     q_enc = question_tokenizer([ex.question for ex in examples], truncation=True, max_length=max_question_length)["input_ids"]
-    q_gen = generator_tokenizer(
-        questions, add_special_tokens=False, truncation=True, max_length=max_question_length
+    q_gen = generator_tokenizer(  # one token more than kept, to tell the questions that were cut
+        questions, add_special_tokens=False, truncation=True, max_length=max_question_length + 1
     )["input_ids"]
+    cut = [ex.id for ex, ids in zip(examples, q_gen, strict=True) if len(ids) > max_question_length]
+    if cut:
+        log.warning(
+            "%d question(s) longer than max_question_length=%d tokens were cut to it (first: %s); raise "
+            "max_question_length=... to keep more",
+            len(cut),
+            max_question_length,
+            cut[0],
+        )
+        q_gen = [ids[:max_question_length] for ids in q_gen]
     answers = [" " + ex.answers[0].strip() if ex.answers else "" for ex in examples]
     a_gen = generator_tokenizer(
         answers, add_special_tokens=False, truncation=True, max_length=max_answer_length - 1

@@ -19,7 +19,9 @@ across processes too (tests/test_world.py checks it; the world build compares wh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -29,6 +31,28 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS, PAD, EOS, UNK, MASK = SPECIAL_TOKENS
 ADD_PREFIX_SPACE = True
 DEFAULT_VOCAB_SIZE = 6000
+# BPE training time grows much faster than linearly in a word's length (a 300 KB word: 92 s, 5 MB: hours),
+# and no merge of a word this long is worth a vocabulary slot: longer words are cut to this many characters
+MAX_WORD_CHARS = 100
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+log = logging.getLogger(__name__)
+
+
+class _CutLongWords:
+    """The texts with every word (run of non-space characters) cut to ``MAX_WORD_CHARS``, counting the cuts."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts, self.cut, self.longest = texts, 0, 0
+
+    def _cut(self, match: re.Match[str]) -> str:
+        self.cut += 1
+        self.longest = max(self.longest, len(match.group()))
+        return match.group()[:MAX_WORD_CHARS]
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            yield _LONG_WORD.sub(self._cut, text) if len(text) > MAX_WORD_CHARS else text
 
 
 def _bpe_tokenizer() -> Tokenizer:
@@ -73,6 +97,7 @@ def train_generator_tokenizer(
     """Train byte-level BPE on ``texts`` and save it to ``out_dir`` as a transformers tokenizer directory.
 
     No seed is needed: training has no randomness, so the texts and their order decide the result.
+    Words longer than ``MAX_WORD_CHARS`` are cut to that length for training (with a warning).
     """
     if vocab_size <= len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size={vocab_size} leaves no room for merges; use at least 1000")
@@ -85,7 +110,16 @@ def train_generator_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    capped = _CutLongWords(texts)
+    tok.train_from_iterator(capped, trainer=trainer)
+    if capped.cut:
+        log.warning(
+            "generator tokenizer: %d word(s) longer than %d characters (the longest %d) were cut to that length "
+            "for training; check the data for run-together text",
+            capped.cut,
+            MAX_WORD_CHARS,
+            capped.longest,
+        )
     tok.post_processor = _bart_post_processor()
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     assert ids == list(range(len(SPECIAL_TOKENS))), f"special token ids {ids} differ from BART's"

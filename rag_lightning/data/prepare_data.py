@@ -24,6 +24,7 @@ from rag_lightning.config import DataConfig, WorldOptions
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
 from rag_lightning.data.readers import ReadReport, iter_corpus, iter_qa
 from rag_lightning.errors import UserError
+from rag_lightning.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,5 +228,5 @@ def _ensure_user_tokenizer(cfg: DataConfig, files: dict[str, Path], skip_bad_row
     )
     log.info("training a generator tokenizer (vocab %d) into %s", wanted["vocab_size"], tok_dir)
     train_generator_tokenizer(texts, tok_dir, vocab_size=wanted["vocab_size"])
-    trained_from.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_atomic(trained_from, wanted)
     return str(tok_dir)

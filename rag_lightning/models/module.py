@@ -19,6 +19,7 @@ from torch import nn
 
 from rag_lightning import metrics
 from rag_lightning.config import ConfigError, Mode, ModelConfig
+from rag_lightning.errors import UserError
 from rag_lightning.files import write_text_atomic
 from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
@@ -49,6 +50,10 @@ def contrastive_retrieval_loss(
     positives = gold_rows[:, None] == gold_rows[None, :]
     log_p = torch.log_softmax(scores.float(), dim=-1)
     return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+
+
+class NonFiniteLossError(UserError, ArithmeticError):
+    """The training loss became nan or inf: training stops, naming the step, with the checkpoints kept."""
 
 
 class RagModule(L.LightningModule):
@@ -237,7 +242,28 @@ class RagModule(L.LightningModule):
             self.log("train/distinct_passages", metrics.distinct_share(ret["rows"]), batch_size=batch_size)
             self.log("train/question_encoder_frozen", float(self.question_encoder_frozen()), batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if not math.isfinite(float(loss.detach())):  # one host sync per step: cheap next to the step itself
+            raise NonFiniteLossError(self._non_finite_message(float(loss.detach()), batch_idx))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Non-finite gradients stop training before they reach the weights (and so any checkpoint)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not math.isfinite(float(torch.stack(torch._foreach_norm(grads)).sum())):
+            raise NonFiniteLossError(self._non_finite_message("the gradients are not finite", None))
+
+    def _non_finite_message(self, what: str | float, batch_idx: int | None) -> str:
+        what = what if isinstance(what, str) else f"the training loss is {what}"
+        where = f"step {self.global_step} (epoch {self.current_epoch}" + (f", batch {batch_idx})" if batch_idx is not None else ")")
+        trainer = self._trainer
+        callback = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        found = sorted(Path(callback.dirpath).glob("*.ckpt")) if callback is not None and callback.dirpath else []
+        kept = f"; the checkpoints written before are intact: {', '.join(str(c) for c in found)}" if found else ""
+        return (
+            f"{what} at {where}: training stops here and this step's update was not applied{kept}. Fix: lower "
+            f"model.optim.lr (now {self.cfg.optim.lr}), keep trainer.gradient_clip_val set, or look for a bad row "
+            "in the data"
+        )
 
     def generate(self, batch: dict, ret: dict | None) -> tuple[torch.Tensor, int]:
         """Answer token ids (B, L) with the mode's decoder."""

@@ -115,13 +115,16 @@ def breakdown(run: Run, split: str, wanted_fields: list[str] | None = None) -> B
 
     path = run.predictions[split]
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    records.append(json.loads(text))
-                except ValueError:
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, 1):
+            if raw.strip():
+                try:  # ValueError covers invalid UTF-8 and malformed JSON
+                    record = json.loads(raw.decode("utf-8"))
+                except (ValueError, RecursionError):
                     raise ReportError(f"{path}:{line}: not a JSON prediction record") from None
+                if not isinstance(record, dict):
+                    raise ReportError(f"{path}:{line}: not a JSON prediction record (a {type(record).__name__})")
+                records.append(record)
     if not records:
         raise ReportError(f"{path}: no prediction records")
     missing = [k for k in ("id", "prediction", "answers", "em", "f1") if k not in records[0]]

@@ -105,7 +105,7 @@ def run_names(dirs: list[Path]) -> list[str]:
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:  # ValueError: invalid UTF-8
         raise ReportError(f"{path}: cannot read it as YAML ({err})") from None
 
 
@@ -113,7 +113,7 @@ def load_run(path: Path, name: str) -> Run:
     metrics_file = path / "metrics.json"
     try:
         raw = json.loads(metrics_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ReportError(f"{metrics_file}: not a JSON file of metrics ({err})") from None
     if not isinstance(raw, dict):
         raise ReportError(f"{metrics_file}: expected a JSON object of metric names to numbers")
@@ -122,6 +122,8 @@ def load_run(path: Path, name: str) -> Run:
     for candidate in (path / RESOLVED_CONFIG, path / ".hydra" / "config.yaml"):
         if candidate.is_file():
             config = _read_yaml(candidate) or {}
+            if not isinstance(config, dict):
+                raise ReportError(f"{candidate}: expected a YAML mapping (a run's config), got a {type(config).__name__}")
             break
     overrides = config.get("hydra_overrides")
     if overrides is None and (path / ".hydra" / "overrides.yaml").is_file():
@@ -147,8 +149,9 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {}
     files = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: natural_key(p.parent.name))
     for file in files:
-        with file.open(newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+        # a damaged log (invalid UTF-8, NUL bytes, a cut row) loses its bad rows, not the report
+        with file.open(newline="", encoding="utf-8", errors="replace") as f:
+            for row in _csv_rows(file, f):
                 try:
                     step = int(float(row.get("step") or "nan"))
                 except ValueError:
@@ -163,6 +166,17 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
                     if math.isfinite(number):
                         curves.setdefault(key, []).append((step, number))
     return curves
+
+
+def _csv_rows(file: Path, handle: Any) -> Any:
+    reader = csv.DictReader(line.replace("\0", "") for line in handle)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ReportError(f"{file}:{reader.line_num}: not a CSV log row ({err})") from None
 
 
 def lower_is_better(metric: str) -> bool:

@@ -35,9 +35,9 @@ from rag_lightning.models.encoders import (
 )
 from rag_lightning.retrieval.distributed import DistributedSearch, LazyPassageIndex
 from rag_lightning.retrieval.encode import encode_passages
-from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
+from rag_lightning.retrieval.faiss_index import IndexCorruptError, IndexStateError, PassageIndex
 from rag_lightning.retrieval.retriever import Retriever
-from rag_lightning.retrieval.store import CorpusStore, manifest_differences, tokenizer_fingerprint
+from rag_lightning.retrieval.store import CorpusStore, StoreError, manifest_differences, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,14 @@ def ensure_store(spec: RetrievalSpec, gen_tokenizer: Any, ctx_tokenizer: Any) ->
     if manifest is not None:
         differences = manifest_differences(manifest, expect)
         if not differences:
-            log.info("corpus store %s is up to date (%d passages)", store_dir, manifest["passages"])
-            return CorpusStore.open(store_dir)
-        log.info("rebuilding the corpus store %s: %s", store_dir, "; ".join(differences))
+            try:
+                store = CorpusStore.open(store_dir)
+                log.info("corpus store %s is up to date (%d passages)", store_dir, manifest["passages"])
+                return store
+            except StoreError as why:
+                log.warning("rebuilding the corpus store: %s", why)
+        else:
+            log.info("rebuilding the corpus store %s: %s", store_dir, "; ".join(differences))
     from rag_lightning.data.readers import read_corpus
 
     start = time.time()
@@ -157,10 +162,14 @@ def build_lock(cache_dir: str | Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_index(spec: RetrievalSpec, gen_tokenizer: Any) -> tuple[CorpusStore, Path, dict[str, Any]]:
+def ensure_index(
+    spec: RetrievalSpec, gen_tokenizer: Any, full_check: bool = False
+) -> tuple[CorpusStore, Path, dict[str, Any]]:
     """(store, index directory, the index's expected manifest), building the store and the index when needed.
 
     ``gen_tokenizer`` is the tokenizer the generator reads contexts with: the store is tokenised with it.
+    Index and vectors are checked by size and sampled hash (``full_check``: whole sha256, rag-index's check);
+    a damaged one is rebuilt, with a warning naming the file.
     """
     with build_lock(spec.cache_dir):
         store = ensure_store(spec, gen_tokenizer, load_encoder_tokenizer(spec.encoder, "context"))
@@ -168,9 +177,13 @@ def ensure_index(spec: RetrievalSpec, gen_tokenizer: Any) -> tuple[CorpusStore, 
         expect = index_expectation(spec, store, ctx_encoder)
         index_dir = Path(spec.index.dir)
         try:
-            PassageIndex.check(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
+            PassageIndex.check(
+                index_dir, expect=expect, rebuild_command=spec.rebuild_command, verify_checksum=full_check
+            )
             log.info("FAISS index %s is up to date", index_dir)
             return store, index_dir, expect
+        except IndexCorruptError as why:
+            log.warning("rebuilding the FAISS index: %s", str(why).split(": the index cannot")[0].split(" Rebuild it")[0])
         except IndexStateError as why:
             log.info("building the FAISS index: %s", str(why).splitlines()[0])
         start = time.time()
@@ -182,6 +195,7 @@ def ensure_index(spec: RetrievalSpec, gen_tokenizer: Any) -> tuple[CorpusStore, 
             shard_size=spec.index.shard_size,
             device=_encode_device(spec.index),
             progress=spec.index.progress,
+            verify_full=full_check,
         )
         encoded = time.time()
         index = PassageIndex.build(vectors, spec.index)

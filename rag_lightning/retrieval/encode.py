@@ -1,9 +1,11 @@
 """Passage vectors from the context encoder: sharded, resumable, then joined into one memory-mapped file.
 
 ``out_dir`` holds ``encode_state.json`` (what is being encoded: encoder fingerprint, corpus hash, shard size),
-``shards/shard_00000.npy`` ... written atomically as each finishes, and at the end ``vectors.npy`` (N, d)
-float32. A killed run started again with the same inputs skips the finished shards; different inputs start
-over.
+``shards/shard_00000.npy`` ... written atomically as each finishes (their sizes and hashes in
+``shards/sums.json``), and at the end ``vectors.npy`` (N, d) float32 with its size and hashes in
+``vectors.json``. A killed run started again with the same inputs skips the finished shards; different inputs
+start over. A shard or ``vectors.npy`` that no longer matches its recorded size and sampled hash (truncated,
+overwritten) is encoded again, with a warning naming it: nothing damaged is ever joined or indexed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from rag_lightning.files import fingerprint, fingerprint_problem, remove_stale_temporaries, write_json_atomic
 from rag_lightning.models.encoders import encode_texts, encoder_fingerprint
 from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.store import CorpusStore
@@ -27,7 +30,9 @@ from rag_lightning.retrieval.store import CorpusStore
 log = logging.getLogger(__name__)
 
 VECTORS_FILE = "vectors.npy"
+VECTORS_SUMS = "vectors.json"
 STATE_FILE = "encode_state.json"
+SHARD_SUMS = "sums.json"
 
 
 def _shard_path(out_dir: Path, shard: int) -> Path:
@@ -36,9 +41,63 @@ def _shard_path(out_dir: Path, shard: int) -> Path:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _intact_shards(out: Path, n_shards: int) -> list[int]:
+    """Shards on disk that match the size and hashes recorded when they were written; a damaged one (or one
+    whose record a kill cut off) is deleted so it is encoded again."""
+    sums = _read_json(out / "shards" / SHARD_SUMS)
+    done = []
+    for shard in range(n_shards):
+        path = _shard_path(out, shard)
+        if not path.exists():
+            continue
+        record = sums.get(path.name)
+        problem = fingerprint_problem(path, record, full=True) if record else f"{path} has no recorded checksum"
+        if problem:
+            log.warning("passage vectors: %s; encoding that shard again", problem)
+            path.unlink()
+        else:
+            done.append(shard)
+    return done
+
+
+def _record_shard(out: Path, shard: int) -> None:
+    sums_path = out / "shards" / SHARD_SUMS
+    sums = _read_json(sums_path)
+    sums[_shard_path(out, shard).name] = fingerprint(_shard_path(out, shard))
+    write_json_atomic(sums_path, sums)
+
+
+def _intact_vectors(out: Path, full: bool) -> np.memmap | None:
+    """The finished ``vectors.npy`` when it still matches its record (``full``: its whole sha256), else None
+    (damaged: removed, with a warning, so it is encoded again)."""
+    path = out / VECTORS_FILE
+    problem = fingerprint_problem(path, _read_json(out / VECTORS_SUMS) or None, full=full)
+    if problem is None:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            problem = f"{path} cannot be read ({err})"
+    log.warning("passage vectors: %s; encoding the corpus again", problem)
+    path.unlink(missing_ok=True)
+    (out / VECTORS_SUMS).unlink(missing_ok=True)
+    return None
 
 
 def _batch(store: CorpusStore, rows: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +142,12 @@ def _join_shards(out_dir: Path, n_shards: int, n: int, dim: int) -> Path:
         row += len(part)
     joined.flush()
     del joined
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     final = out_dir / VECTORS_FILE
+    (out_dir / VECTORS_SUMS).unlink(missing_ok=True)
     os.replace(tmp, final)
+    write_json_atomic(out_dir / VECTORS_SUMS, fingerprint(final))
     shutil.rmtree(out_dir / "shards", ignore_errors=True)
     return final
 
@@ -100,10 +163,13 @@ def encode_passages(
     progress: bool = True,
     pad_id: int | None = None,
     on_shard_done: Callable[[int], Any] | None = None,
+    verify_full: bool = False,
 ) -> np.memmap:
     """Encode every passage of ``store`` with ``ctx_encoder``; returns ``vectors.npy`` memory-mapped (N, d).
 
     ``on_shard_done(shard_index)`` runs after each shard is on disk (tests use it to simulate a kill).
+    A finished ``vectors.npy`` is reused after its size and sampled hash are checked (``verify_full``: its
+    whole sha256).
     """
     if len(store) == 0:
         raise ValueError(f"the corpus store {store.dir} holds no passages; nothing to encode")
@@ -111,6 +177,8 @@ def encode_passages(
         pad_id = int(getattr(getattr(ctx_encoder, "config", None), "pad_token_id", None) or 0)
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in (out, out / "shards"):  # half-written files of a killed run (the caller holds the build lock)
+        remove_stale_temporaries(stale)
     n = len(store)
     n_shards = max(1, -(-n // shard_size))
     state = {
@@ -127,12 +195,16 @@ def encode_passages(
             log.info("encoding inputs changed since the last run in %s; starting over", out)
         shutil.rmtree(out / "shards", ignore_errors=True)
         (out / VECTORS_FILE).unlink(missing_ok=True)
+        (out / VECTORS_SUMS).unlink(missing_ok=True)
         (out / "shards").mkdir(parents=True)
-        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+        write_json_atomic(state_path, state)
     elif (out / VECTORS_FILE).exists():
-        return np.load(out / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+        vectors = _intact_vectors(out, verify_full)
+        if vectors is not None:
+            return vectors
+        (out / "shards").mkdir(parents=True, exist_ok=True)
 
-    done = [s for s in range(n_shards) if _shard_path(out, s).exists()]
+    done = _intact_shards(out, n_shards)
     todo = [s for s in range(n_shards) if s not in set(done)]
     dev = torch.device(device)
     was_training = ctx_encoder.training
@@ -154,6 +226,7 @@ def encode_passages(
                     lambda k: bar.advance(task, k),
                 )
                 _save_npy_atomic(_shard_path(out, shard), vectors)
+                _record_shard(out, shard)
                 if on_shard_done is not None:
                     on_shard_done(shard)
     finally:

@@ -26,7 +26,7 @@ import numpy as np
 
 from rag_lightning.config import INDEX_TYPES, SEARCH_KEYS, ConfigError, IndexConfig
 from rag_lightning.errors import UserError
-from rag_lightning.files import sha256_file
+from rag_lightning.files import fingerprint_problem, remove_stale_temporaries, sampled_sha256, sha256_file
 from rag_lightning.retrieval.store import manifest_differences
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class PassageIndex:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_FILE).unlink(missing_ok=True)  # the directory is incomplete until it is rewritten
+        remove_stale_temporaries(out)  # what a killed save left
         vectors_path = out / VECTORS_FILE
         source = Path(getattr(self.vectors, "filename", "") or "")
         if source.resolve() != vectors_path.resolve():
@@ -169,8 +170,11 @@ class PassageIndex:
             "index_file": INDEX_FILE,
             "index_bytes": (out / INDEX_FILE).stat().st_size,
             "index_sha256": sha256_file(out / INDEX_FILE),
+            "index_sampled_sha256": sampled_sha256(out / INDEX_FILE),
             "vectors_file": VECTORS_FILE,
             "vectors_bytes": vectors_path.stat().st_size,
+            "vectors_sampled_sha256": sampled_sha256(vectors_path),
+            "vectors_sha256": sha256_file(vectors_path),
         }
         tmp_manifest = out / (MANIFEST_FILE + ".tmp")
         tmp_manifest.write_text(json.dumps(full, indent=2, sort_keys=True))
@@ -189,7 +193,8 @@ class PassageIndex:
     ) -> dict[str, Any]:
         """The manifest of a usable index built for ``expect``; else an :class:`IndexStateError` that says why.
 
-        Cheap by default (manifest and file sizes); ``verify_checksum`` also hashes ``index.faiss``.
+        Cheap by default (manifest, file sizes and sampled hashes); ``verify_checksum`` also hashes
+        ``index.faiss`` and ``vectors.npy`` whole.
         """
         d = Path(directory)
         hint = f"Rebuild it with: {rebuild_command}   (or delete {d})"
@@ -213,10 +218,11 @@ class PassageIndex:
                     f"{path} is {'missing' if size is None else f'{size} bytes'} but the manifest records "
                     f"{manifest.get(size_key)} bytes: truncated or corrupt. {hint}"
                 )
-        if verify_checksum and sha256_file(d / manifest["index_file"]) != manifest.get("index_sha256"):
-            raise IndexCorruptError(
-                f"{d / manifest['index_file']} does not match its recorded sha256. {hint}"
-            )
+        for name in ("index", "vectors"):
+            record = {key: manifest.get(f"{name}_{key}") for key in ("bytes", "sampled_sha256", "sha256")}
+            problem = fingerprint_problem(d / manifest[f"{name}_file"], record, full=verify_checksum)
+            if problem:
+                raise IndexCorruptError(f"{problem}: the index cannot be trusted. {hint}")
         return manifest
 
     @classmethod

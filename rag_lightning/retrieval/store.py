@@ -30,6 +30,7 @@ import numpy as np
 
 from rag_lightning.data.pieces import piece_ids
 from rag_lightning.errors import UserError
+from rag_lightning.files import fingerprint, fingerprint_problem, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,10 @@ class CorpusStore:
                 f"{self.dir} has store format {self.manifest.get('format_version')}, this code reads "
                 f"{FORMAT_VERSION}; delete the directory and rebuild it"
             )
+        for name, record in (self.manifest.get("files") or {}).items():
+            problem = fingerprint_problem(self.dir / name, record)
+            if problem:
+                raise StoreError(f"{problem}: the corpus store is incomplete or corrupt; delete {self.dir} and rebuild it")
         try:
             self._fields = {name: Ragged(self.dir, name) for name in FIELDS}
         except (OSError, ValueError) as err:
@@ -211,7 +216,7 @@ class CorpusStore:
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_temporaries(out.parent, f".{out.name}.tmp-*")  # killed builds' (callers hold the build lock)
         tmp.mkdir()
         _check_piecewise(gen_tokenizer, title_separator)
         writers = {name: RaggedWriter(tmp, name, dtype) for name, dtype in FIELDS.items()}
@@ -253,6 +258,8 @@ class CorpusStore:
             "gen_form": "' ' + title + title_separator + text, no special tokens",
             "ctx_form": "[CLS] title [SEP] text [SEP], truncated to ctx_max_length",
             "source": dict(source) if source else None,
+            # size and sampled hash of every array, checked at each open (files.fingerprint_problem)
+            "files": {p.name: fingerprint(p, full=False) for p in sorted(tmp.glob("*.npy"))},
         }
         _write_json_atomic(tmp / "manifest.json", manifest)
         if out.exists():
