@@ -246,11 +246,12 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------ retrieval
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq", "bm25")  # bm25: sparse, over question texts (retrieval/bm25.py)
 DISTRIBUTED_MODES = ("sharded", "replicated")
 # which index keys are build-time (a change rebuilds the index) and which search-time (no rebuild)
-BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed")}
-SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank")}
+BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed"),
+              "bm25": ()}
+SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank"), "bm25": ()}
 
 
 @dataclass
@@ -285,6 +286,11 @@ class IndexConfig:
     seed: int = 0  # training sample seed (build)
     nprobe: int = 32  # lists visited per query (no rebuild)
     rerank: int = 16  # candidates per result re-scored exactly; 1: off (no rebuild)
+    # bm25 (bm25s): term saturation, length normalisation, scoring variant, stopwords (all build-time)
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    bm25_method: str = "lucene"  # robertson | lucene | bm25l | bm25+ | atire
+    bm25_stopwords: str | None = "en"
 
     def check(self, prefix: str = "index") -> None:
         _one_of(f"{prefix}.type", self.type, INDEX_TYPES)
@@ -295,6 +301,10 @@ class IndexConfig:
         for key in ("batch_size", "shard_size", "gen_max_passage_tokens", "M", "ef_construction", "ef_search",
                     "nbits", "nprobe", "rerank"):
             _positive(f"{prefix}.{key}", getattr(self, key))
+        _one_of(f"{prefix}.bm25_method", self.bm25_method, ("robertson", "lucene", "bm25l", "bm25+", "atire"))
+        _at_least(f"{prefix}.bm25_k1", self.bm25_k1, 0.0)
+        if not 0.0 <= self.bm25_b <= 1.0:
+            raise ConfigError(f"{prefix}.bm25_b={self.bm25_b} must be in [0, 1]")
 
     def build_params(self) -> dict[str, int]:
         return {key: int(getattr(self, key)) for key in BUILD_KEYS[self.type]}

@@ -92,8 +92,18 @@ class RagModule(L.LightningModule):
     def mode(self) -> Mode:
         return Mode(self.cfg.mode)
 
+    @property
+    def sparse_retrieval(self) -> bool:
+        """BM25 (`index=bm25`): passages are found and scored from the question text; the question encoder is
+        unused and never trained."""
+        return bool(getattr(self.retriever, "sparse", False))
+
     def question_encoder_frozen(self) -> bool:
-        return self.cfg.freeze_question_encoder or self.global_step < self.cfg.question_encoder_warmup_steps
+        return (
+            self.cfg.freeze_question_encoder
+            or self.sparse_retrieval
+            or self.global_step < self.cfg.question_encoder_warmup_steps
+        )
 
     def encode_questions(self, batch: dict) -> torch.Tensor:
         """Question vectors (B, d); differentiable unless the encoder is frozen.
@@ -145,6 +155,11 @@ class RagModule(L.LightningModule):
                 f"RagModule in mode {self.mode.value} needs a retriever; build the module with "
                 "rag_lightning.pipeline.build_module, which attaches one"
             )
+        if self.sparse_retrieval:
+            found = self.retriever.retrieve_texts(batch["questions"], n_docs)
+            if self.training and self.global_step < self.cfg.gold_passage_steps:
+                found = self.retriever.with_gold(found, batch["gold_passage_ids"], None, batch["questions"])
+            return self._contexts(batch, found, None, found.scores.to(batch["question_input_ids"].device))
         # retrieval stays float32 under mixed precision: the index was built from float32 vectors
         with torch.autocast(batch["question_input_ids"].device.type, enabled=False):
             q = self.encode_questions(batch)
@@ -152,6 +167,10 @@ class RagModule(L.LightningModule):
             if self.training and self.global_step < self.cfg.gold_passage_steps:
                 found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
             doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
+        return self._contexts(batch, found, q, doc_scores)
+
+    def _contexts(self, batch: dict, found: Any, q: torch.Tensor | None, doc_scores: torch.Tensor) -> dict:
+        """The retrieval result of a batch with the generator's contexts (q is None for sparse retrieval)."""
         lengths = batch["question_generator_mask"].sum(dim=1).tolist()
         question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]
         ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
@@ -160,8 +179,8 @@ class RagModule(L.LightningModule):
             "rows": found.rows,
             "passage_ids": found.passage_ids,
             "doc_scores": doc_scores,
-            "context_input_ids": ctx_ids.to(q.device),
-            "context_attention_mask": ctx_mask.to(q.device),
+            "context_input_ids": ctx_ids.to(doc_scores.device),
+            "context_attention_mask": ctx_mask.to(doc_scores.device),
         }
 
     def nll(self, batch: dict, n_docs: int, reduction: str) -> tuple[torch.Tensor, dict | None]:
@@ -352,7 +371,8 @@ class RagModule(L.LightningModule):
     def configure_optimizers(self):
         opt = self.cfg.optim
         groups = _param_groups(self.generator, opt.lr, opt.weight_decay)
-        if not self.cfg.freeze_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
+        trains_question_encoder = not self.cfg.freeze_question_encoder and not self.sparse_retrieval
+        if trains_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
             groups += _param_groups(self.question_encoder, opt.question_encoder_lr, opt.weight_decay)
         else:
             self.question_encoder.requires_grad_(False)
