@@ -328,6 +328,45 @@ class ContextConfig:
         _at_least(f"{prefix}.max_length", self.max_length, 8)
 
 
+# ------------------------------------------------------------------------------------------ DPR stage
+DPR_NEGATIVES = ("bm25",)  # dense / mixed (from the current dense index): not built yet
+
+
+@dataclass
+class RetrieverTrainingConfig:
+    """`dpr`: rag-train-retriever's DPR stage (conf/train_retriever.yaml, conf/dpr/): the question and context
+    encoders trained with in-batch plus hard negatives."""
+
+    shared_encoder: bool = False  # one set of weights for questions and passages
+    hard_negatives: int = 1  # per question, besides the in-batch ones
+    negatives: str = "bm25"  # where hard negatives come from (bm25; dense and mixed are not built yet)
+    mining_depth: int = 50  # BM25 passages looked at per question for its positive and hard negatives
+    batch_size: int = 16  # questions per step
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    scheduler: str = "linear"  # linear | cosine | constant
+    trainable_layers: int | None = None  # train only the top N layers of each encoder (None: all, embeddings too)
+    eval_ks: list[int] = field(default_factory=lambda: [1, 3, 20])  # recall@k on the whole corpus
+    eval_batch_size: int = 128  # passages or questions per encoding batch at validation
+    validate_first: bool = False  # also validate the starting encoders (one more corpus encoding)
+
+    def check(self, prefix: str = "dpr") -> None:
+        _one_of(f"{prefix}.negatives", self.negatives, DPR_NEGATIVES)
+        _one_of(f"{prefix}.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _at_least(f"{prefix}.hard_negatives", self.hard_negatives, 0)
+        for key in ("mining_depth", "batch_size", "lr", "eval_batch_size"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+        _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        if self.trainable_layers is not None:
+            _positive(f"{prefix}.trainable_layers", self.trainable_layers)
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            raise ConfigError(f"{prefix}.eval_ks={self.eval_ks} must be a non-empty list of ranks >= 1")
+        if self.hard_negatives >= self.mining_depth:
+            raise ConfigError(f"{prefix}.hard_negatives={self.hard_negatives} must be < {prefix}.mining_depth")
+
+
 # ------------------------------------------------------------------------------------------ run
 @dataclass
 class LoaderConfig:
@@ -405,6 +444,7 @@ SCHEMAS = {  # group -> the dataclass its files extend (listed as `_schema` firs
     "model": ModelConfig,
     "model/question_encoder": QuestionEncoderConfig,
     "model/generator": GeneratorConfig,
+    "dpr": RetrieverTrainingConfig,
 }
 
 

@@ -18,8 +18,8 @@ LAYERS = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
-    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export"}),
-    ("entry points", {"prepare", "index", "train", "eval", "predict", "report"}),
+    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export", "dpr_stage"}),
+    ("entry points", {"prepare", "index", "train", "eval", "predict", "report", "train_retriever"}),
 ]
 
 
