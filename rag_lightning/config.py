@@ -338,6 +338,9 @@ class RetrieverTrainingConfig:
     encoders trained with in-batch plus hard negatives."""
 
     shared_encoder: bool = False  # one set of weights for questions and passages
+    # false: the context encoder stays fixed and its passage vectors are computed once (the index's cached
+    # vectors): only the question encoder trains, and validation needs no re-encoding of the corpus
+    train_context_encoder: bool = True
     hard_negatives: int = 1  # per question, besides the in-batch ones
     negatives: str = "bm25"  # where hard negatives come from (bm25; dense and mixed are not built yet)
     mining_depth: int = 50  # BM25 passages looked at per question for its positive and hard negatives
@@ -363,6 +366,9 @@ class RetrieverTrainingConfig:
             _positive(f"{prefix}.trainable_layers", self.trainable_layers)
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ConfigError(f"{prefix}.eval_ks={self.eval_ks} must be a non-empty list of ranks >= 1")
+        if self.shared_encoder and not self.train_context_encoder:
+            raise ConfigError(f"{prefix}.shared_encoder=true trains the one encoder for passages too: it needs "
+                              f"{prefix}.train_context_encoder=true")
         if self.hard_negatives >= self.mining_depth:
             raise ConfigError(f"{prefix}.hard_negatives={self.hard_negatives} must be < {prefix}.mining_depth")
 

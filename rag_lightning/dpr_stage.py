@@ -98,10 +98,13 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
         val_examples = read_qa(data.val_file, skip_bad_rows=data.skip_bad_rows)
         questions, val_counts = val_loader(data.val_file, val_examples, store, tokenizer, max_question_length=max_q,
                                            batch_size=dpr.eval_batch_size, pad_id=q_pad)
-        val = [corpus_loader(store, dpr.eval_batch_size, ctx_pad), questions]
-    module = DPRModule(
-        build_question_encoder(encoder), None if dpr.shared_encoder else build_context_encoder(encoder), dpr
-    )
+        # a trained context encoder re-encodes the whole corpus at each validation; a fixed one has its vectors
+        val = [corpus_loader(store, dpr.eval_batch_size, ctx_pad), questions] if dpr.train_context_encoder else [questions]
+    context_encoder = None if dpr.shared_encoder else build_context_encoder(encoder)
+    passage_vectors = None
+    if not dpr.train_context_encoder:
+        passage_vectors = fixed_passage_vectors(context_encoder, store, index_cfg)
+    module = DPRModule(build_question_encoder(encoder), context_encoder, dpr, passage_vectors)
     counts = {
         "mining/examples": report.examples,
         "mining/gold_positives": report.gold_positives,
@@ -112,6 +115,23 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
     }
     return {"module": module, "train": train, "val": val, "tokenizer": tokenizer, "dpr": dpr, "counts": counts,
             "encoder": encoder}
+
+
+def fixed_passage_vectors(context_encoder: Any, store: Any, index_cfg: IndexConfig) -> Any:
+    """The fixed context encoder's vectors of every passage: the cached ones of ``index.vectors_dir`` (shared with
+    the dense index of the same encoder) when they match its weights, else encoded now (resumable)."""
+    import numpy as np
+    import torch
+
+    from rag_lightning.retrieval.build import encode_device
+    from rag_lightning.retrieval.encode import encode_passages
+
+    start = time.time()
+    vectors = encode_passages(context_encoder, store, index_cfg.vectors_dir, batch_size=index_cfg.batch_size,
+                              shard_size=index_cfg.shard_size, device=encode_device(index_cfg),
+                              progress=index_cfg.progress)
+    log.info("passage vectors of the fixed context encoder ready in %.1fs", time.time() - start)
+    return torch.from_numpy(np.array(vectors, dtype=np.float32))
 
 
 def export_atomically(module: Any, tokenizer: Any, export_dir: Path, manifest: dict[str, Any]) -> Path:

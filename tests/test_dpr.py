@@ -217,3 +217,27 @@ def test_bad_dpr_options_name_their_key(tmp_path: Path, tiny_world, cli) -> None
     assert result.code == 2 and "dpr.negatives='dense' is not one of bm25" in result.err
     result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "index=flat"))
     assert result.code == 2 and "run it with index=bm25" in result.err
+
+
+def test_a_fixed_context_encoder_trains_questions_against_the_cached_passage_vectors(
+    tmp_path: Path, tiny_world, cli
+) -> None:
+    from transformers import DPRContextEncoder
+
+    from rag_lightning.config import QuestionEncoderConfig
+    from rag_lightning.models.encoders import build_context_encoder, encoder_fingerprint
+
+    run_dir = tmp_path / "run"
+    result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, f"run_dir={run_dir}",
+                                                             "dpr.train_context_encoder=false"))
+    assert result.code == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 2 and 0.0 <= metrics["val/recall@1"] <= 1.0
+    assert "val/corpus_encode_s" not in metrics  # nothing re-encoded at validation
+    # the passage vectors came from (and stay in) the vectors cache the dense index of this encoder uses
+    assert (tmp_path / "cache" / "vectors" / "jsonl-tiny" / "vectors.npy").is_file()
+    exported = DPRContextEncoder.from_pretrained(run_dir / "encoders" / "context_encoder")
+    assert encoder_fingerprint(exported) == encoder_fingerprint(build_context_encoder(QuestionEncoderConfig(kind="tiny")))
+    bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.train_context_encoder=false",
+                                                          "dpr.shared_encoder=true"))
+    assert bad.code == 2 and "dpr.shared_encoder=true trains the one encoder for passages too" in bad.err

@@ -55,13 +55,24 @@ class DPRModule(L.LightningModule):
     """Question and context encoders (or one shared encoder) trained with :func:`dpr_loss`."""
 
     def __init__(
-        self, question_encoder: nn.Module, context_encoder: nn.Module | None, config: RetrieverTrainingConfig
+        self,
+        question_encoder: nn.Module,
+        context_encoder: nn.Module | None,
+        config: RetrieverTrainingConfig,
+        passage_vectors: torch.Tensor | None = None,
     ) -> None:
+        """``passage_vectors`` (N, d): the fixed context encoder's vectors of every corpus row, given when
+        ``config.train_context_encoder`` is false (a buffer outside the checkpoint)."""
         super().__init__()
         self.question_encoder = question_encoder
         # shared weights: the question encoder encodes passages too (exported as a DPRContextEncoder copy)
         self.context_encoder = context_encoder if not config.shared_encoder else None
         self.cfg = config
+        if not config.train_context_encoder:
+            if passage_vectors is None or self.context_encoder is None:
+                raise ValueError("train_context_encoder=false needs the context encoder and its passage vectors")
+            self.context_encoder.requires_grad_(False)
+            self.register_buffer("passage_vectors", passage_vectors.float(), persistent=False)
         if config.trainable_layers is not None:
             for encoder in (self.question_encoder, self.context_encoder):
                 if encoder is not None:
@@ -87,7 +98,10 @@ class DPRModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.encode_questions(batch["question_input_ids"], batch["question_attention_mask"])
-        p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
+        if self.cfg.train_context_encoder:
+            p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
+        else:
+            p = self.passage_vectors[batch["passage_rows"]]
         loss = dpr_loss(q, p, batch["positive"])
         size = q.shape[0]
         with torch.no_grad():
@@ -112,25 +126,32 @@ class DPRModule(L.LightningModule):
         self._positives.extend(batch["positive_rows"])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._corpus or not self._questions:
+        if not self._questions:
             return
-        rows = torch.cat([r for r, _ in self._corpus])
-        vectors = torch.cat([v for _, v in self._corpus])
-        corpus = torch.empty_like(vectors)
-        corpus[rows] = vectors  # encoding batches are sorted by length: back into corpus order
+        if not self.cfg.train_context_encoder:  # fixed passages: the vectors computed once
+            corpus = self.passage_vectors.cpu()
+            rows = torch.arange(len(corpus))
+        elif self._corpus:
+            rows = torch.cat([r for r, _ in self._corpus])
+            vectors = torch.cat([v for _, v in self._corpus])
+            corpus = torch.empty_like(vectors)
+            corpus[rows] = vectors  # encoding batches are sorted by length: back into corpus order
+        else:
+            return
         scores = torch.cat(self._questions) @ corpus.T
         results = rank_metrics(scores, self._positives, self.cfg.eval_ks)
         for name, value in results.items():
             self.log(f"val/{name}", value)
-        self.log("val/corpus_encode_s", self._encode_s)
         self.log("val/passages", float(len(rows)))
+        if self.cfg.train_context_encoder:
+            self.log("val/corpus_encode_s", self._encode_s)
         self._corpus, self._questions = [], []
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         cfg = self.cfg
         groups = _param_groups(self.question_encoder, cfg.lr, cfg.weight_decay)
-        if self.context_encoder is not None:
+        if self.context_encoder is not None and cfg.train_context_encoder:
             groups += _param_groups(self.context_encoder, cfg.lr, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)

@@ -132,7 +132,7 @@ def index_expectation(spec: RetrievalSpec, store: CorpusStore, ctx_encoder: torc
     }
 
 
-def _encode_device(index: IndexConfig) -> str:
+def encode_device(index: IndexConfig) -> str:
     if index.encode_device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return index.encode_device
@@ -182,7 +182,7 @@ def ensure_index(spec: RetrievalSpec, gen_tokenizer: Any) -> tuple[CorpusStore, 
             spec.index.vectors_dir,
             batch_size=spec.index.batch_size,
             shard_size=spec.index.shard_size,
-            device=_encode_device(spec.index),
+            device=encode_device(spec.index),
             progress=spec.index.progress,
         )
         encoded = time.time()
