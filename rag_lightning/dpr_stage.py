@@ -134,6 +134,14 @@ def fixed_passage_vectors(context_encoder: Any, store: Any, index_cfg: IndexConf
     return torch.from_numpy(np.array(vectors, dtype=np.float32))
 
 
+def save_last_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """last.ckpt at the end of training too (the callback writes it every N steps), renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
 def export_atomically(module: Any, tokenizer: Any, export_dir: Path, manifest: dict[str, Any]) -> Path:
     """Both encoders and a manifest written into a temporary sibling, then renamed into ``export_dir``: a
     killed export leaves the previous encoders (or nothing), never half of new ones."""
@@ -172,6 +180,7 @@ def train_retriever(cfg: DictConfig) -> dict[str, float]:
     t = time.time()
     trainer.fit(module, train_dataloaders=p["train"], ckpt_path=ckpt_path, weights_only=True)
     results["time/fit_s"] = round(time.time() - t, 1)
+    save_last_checkpoint(trainer, output_dir / "checkpoints" / "last.ckpt")
     results["train/steps"] = float(trainer.global_step)
     if p["val"] is not None:
         t = time.time()
