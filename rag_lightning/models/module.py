@@ -37,6 +37,18 @@ def with_specials(ids: torch.Tensor, mask: torch.Tensor, bos: int, eos: int, pad
     return out, mask.long()
 
 
+def contrastive_loss(
+    question_vectors: torch.Tensor, passage_vectors: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Mean over questions of -log of the softmax mass (over all M passages) on the question's positives.
+
+    question_vectors (B, d), passage_vectors (M, d), positives (B, M) bool: which passages count as positive
+    for each question (every question needs one); all others are its negatives.
+    """
+    log_p = torch.log_softmax((question_vectors @ passage_vectors.T).float(), dim=-1)
+    return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+
+
 def contrastive_retrieval_loss(
     question_vectors: torch.Tensor, gold_vectors: torch.Tensor, gold_rows: torch.Tensor
 ) -> torch.Tensor:
@@ -45,10 +57,7 @@ def contrastive_retrieval_loss(
     question_vectors (B, d) and gold_vectors (B, d) pair each question with its gold passage; questions
     that share a gold passage count every copy as positive (gold_rows (B,) are their corpus rows).
     """
-    scores = question_vectors @ gold_vectors.T
-    positives = gold_rows[:, None] == gold_rows[None, :]
-    log_p = torch.log_softmax(scores.float(), dim=-1)
-    return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+    return contrastive_loss(question_vectors, gold_vectors, gold_rows[:, None] == gold_rows[None, :])
 
 
 class RagModule(L.LightningModule):
@@ -229,16 +238,22 @@ class RagModule(L.LightningModule):
         return loss, ret
 
     def retrieval_loss(self, batch: dict, ret: dict) -> torch.Tensor | None:
-        """The optional multi-task term: the retriever's contrastive loss where gold passages are known."""
-        # a gold id outside this corpus: the example has no positive here
+        """The multi-task term: the retriever's contrastive loss of the questions that name a gold passage.
+
+        The passages are the batch's first gold passages (in-batch negatives for the other questions) and
+        every passage retrieved for the batch (hard negatives by construction); a question's positives are
+        those among them that are its gold passages (any of its gold ids). None when no question has a gold
+        passage in this corpus."""
+        golds = [{r for r in self.retriever.rows_of(list(gold)) if r is not None} for gold in batch["gold_passage_ids"]]
         firsts = self.retriever.rows_of([gold[0] if gold else "" for gold in batch["gold_passage_ids"]])
-        keep = [i for i, (gold, row) in enumerate(zip(batch["gold_passage_ids"], firsts)) if gold and row is not None]
-        gold_rows = [firsts[i] for i in keep]
-        if len(keep) < 2:
+        keep = [i for i, row in enumerate(firsts) if row is not None]  # a gold id outside this corpus: no positive
+        if not keep:
             return None
+        columns = list(dict.fromkeys([firsts[i] for i in keep] + [int(r) for r in ret["rows"].reshape(-1).tolist()]))
         q = ret["question_vectors"][keep]
-        gold_vectors = self.retriever.vectors(gold_rows).to(q.device, q.dtype)
-        return contrastive_retrieval_loss(q, gold_vectors, torch.tensor(gold_rows, device=q.device))
+        positives = torch.tensor([[c in golds[i] for c in columns] for i in keep], device=q.device)
+        vectors = self.retriever.vectors(columns).to(q.device, q.dtype)
+        return contrastive_loss(q, vectors, positives)
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
