@@ -329,7 +329,7 @@ class ContextConfig:
 
 
 # ------------------------------------------------------------------------------------------ DPR stage
-DPR_NEGATIVES = ("bm25",)  # dense / mixed (from the current dense index): not built yet
+DPR_NEGATIVES = ("bm25", "dense", "mixed")
 
 
 @dataclass
@@ -342,7 +342,9 @@ class RetrieverTrainingConfig:
     # vectors): only the question encoder trains, and validation needs no re-encoding of the corpus
     train_context_encoder: bool = True
     hard_negatives: int = 1  # per question, besides the in-batch ones
-    negatives: str = "bm25"  # where hard negatives come from (bm25; dense and mixed are not built yet)
+    # where hard negatives come from: bm25, dense (the starting encoders' ranking of the whole corpus), mixed
+    # (the two rankings in turns)
+    negatives: str = "bm25"
     mining_depth: int = 50  # BM25 passages looked at per question for its positive and hard negatives
     batch_size: int = 16  # questions per step
     lr: float = 2e-5

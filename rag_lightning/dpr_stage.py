@@ -56,10 +56,13 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
         build_question_encoder,
         load_encoder_tokenizer,
     )
+    from rag_lightning.models.rag_checkpoint import context_encoder_like
     from rag_lightning.retrieval.bm25 import BM25Index
     from rag_lightning.retrieval.build import RetrievalSpec, ensure_index
     from rag_lightning.retrieval.dpr_data import (
         corpus_loader,
+        dense_candidates,
+        interleave,
         mine_split,
         train_dataset,
         train_loader,
@@ -83,15 +86,30 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
     store, index_dir, expect = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer))
     bm25 = BM25Index.load(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
 
-    start = time.time()
-    train_examples = read_qa(data.train_file, skip_bad_rows=data.skip_bad_rows)
-    mined, report = mine_split(data.train_file, train_examples, bm25, store,
-                               n_negatives=dpr.hard_negatives, depth=dpr.mining_depth)
-    log.info("mined %d train examples in %.1fs: %s", len(mined), time.time() - start, report)
     tokenizer = load_encoder_tokenizer(encoder, "question")
     ctx_pad = int(load_encoder_tokenizer(encoder, "context").pad_token_id or 0)
     q_pad = int(tokenizer.pad_token_id or 0)
     max_q = int(cfg.max_question_length)
+    question_encoder = build_question_encoder(encoder)
+    context_encoder = None if dpr.shared_encoder else build_context_encoder(encoder)
+    passage_vectors = None
+    if not dpr.train_context_encoder or dpr.negatives != "bm25":  # the starting context encoder's vectors
+        passage_vectors = fixed_passage_vectors(context_encoder or context_encoder_like(question_encoder), store, index_cfg)
+
+    start = time.time()
+    train_examples = read_qa(data.train_file, skip_bad_rows=data.skip_bad_rows)
+    candidates = None
+    if dpr.negatives != "bm25":
+        questions_text = [e.question for e in train_examples]
+        candidates = dense_candidates(question_encoder, tokenizer, questions_text, passage_vectors,
+                                      depth=dpr.mining_depth, max_question_length=max_q,
+                                      batch_size=dpr.eval_batch_size)
+        if dpr.negatives == "mixed":
+            candidates = interleave(candidates, bm25.search_texts(questions_text, min(dpr.mining_depth, len(bm25)))[1].tolist())
+    mined, report = mine_split(data.train_file, train_examples, bm25, store, n_negatives=dpr.hard_negatives,
+                               depth=dpr.mining_depth, negative_candidates=candidates)
+    log.info("mined %d train examples (%s negatives) in %.1fs: %s", len(mined), dpr.negatives,
+             time.time() - start, report)
     train = train_loader(train_dataset(mined, tokenizer, max_q), store, dpr.batch_size, (q_pad, ctx_pad))
     val, val_counts = None, {}
     if data.val_file:
@@ -100,11 +118,8 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
                                            batch_size=dpr.eval_batch_size, pad_id=q_pad)
         # a trained context encoder re-encodes the whole corpus at each validation; a fixed one has its vectors
         val = [corpus_loader(store, dpr.eval_batch_size, ctx_pad), questions] if dpr.train_context_encoder else [questions]
-    context_encoder = None if dpr.shared_encoder else build_context_encoder(encoder)
-    passage_vectors = None
-    if not dpr.train_context_encoder:
-        passage_vectors = fixed_passage_vectors(context_encoder, store, index_cfg)
-    module = DPRModule(build_question_encoder(encoder), context_encoder, dpr, passage_vectors)
+    module = DPRModule(question_encoder, context_encoder, dpr,
+                       None if dpr.train_context_encoder else passage_vectors)
     counts = {
         "mining/examples": report.examples,
         "mining/gold_positives": report.gold_positives,

@@ -141,3 +141,17 @@ def test_a_rag_run_retrieves_with_bm25_and_never_trains_the_question_encoder(tin
     assert torch.equal(ret["rows"], expected.rows) and torch.equal(ret["doc_scores"], expected.scores)
     assert ret["question_vectors"] is None
     assert (Path(s.index.dir) / MANIFEST_FILE).is_file()
+
+
+def test_negatives_from_another_ranking_pass_the_same_filter(index, store) -> None:
+    from rag_lightning.retrieval.dpr_data import interleave
+
+    example = QA("q0", "What is the capital of Aland?", ("Mariehamn",), ("c0",))
+    rows = {pid: store.row_of(pid) for pid in ("c0", "c1", "c4", "c5", "c7")}
+    # a dense ranking that puts the gold passage and an answer passage (c4) first
+    dense = [[rows["c0"], rows["c4"], rows["c7"], rows["c5"], rows["c1"]]]
+    mined, _ = mine(index, store, [example], n_negatives=2, depth=len(PASSAGES), negative_candidates=dense)
+    assert mined[0].positive == rows["c0"] and mined[0].negatives == [rows["c7"], rows["c5"]]
+    assert interleave([[1, 2, 3]], [[2, 9]]) == [[1, 2, 9, 3]]
+    with pytest.raises(ValueError, match="1 candidate lists for 2 examples"):
+        mine(index, store, [example, example], n_negatives=1, negative_candidates=dense)

@@ -213,8 +213,8 @@ def test_a_qa_set_without_any_positive_stops_naming_the_file(tmp_path: Path, tin
 
 
 def test_bad_dpr_options_name_their_key(tmp_path: Path, tiny_world, cli) -> None:
-    result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.negatives=dense"))
-    assert result.code == 2 and "dpr.negatives='dense' is not one of bm25" in result.err
+    result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.negatives=random"))
+    assert result.code == 2 and "dpr.negatives='random' is not one of bm25, dense, mixed" in result.err
     result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "index=flat"))
     assert result.code == 2 and "run it with index=bm25" in result.err
 
@@ -241,3 +241,13 @@ def test_a_fixed_context_encoder_trains_questions_against_the_cached_passage_vec
     bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.train_context_encoder=false",
                                                           "dpr.shared_encoder=true"))
     assert bad.code == 2 and "dpr.shared_encoder=true trains the one encoder for passages too" in bad.err
+
+
+@pytest.mark.parametrize("negatives", ["dense", "mixed"])
+def test_dense_and_mixed_hard_negatives_train(tmp_path: Path, tiny_world, cli, negatives: str) -> None:
+    run_dir = tmp_path / "run"
+    result = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, f"run_dir={run_dir}",
+                                                             f"dpr.negatives={negatives}", "dpr.hard_negatives=2"))
+    assert result.code == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 2 and metrics["mining/short_negatives"] == 0

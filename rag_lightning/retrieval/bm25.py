@@ -210,6 +210,7 @@ def mine(
     *,
     n_negatives: int,
     depth: int = 100,
+    negative_candidates: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[MinedExample], MiningReport]:
     """DPR's positives and BM25 hard negatives for QA examples (``id``, ``question``, ``answers``,
     ``gold_passage_ids``, optionally ``hard_negative_ids``).
@@ -218,14 +219,18 @@ def mine(
     the top ``depth``) that contains an answer, else the example is skipped and counted. Hard negatives:
     the QA set's own hard negatives first (those in the corpus that hold no answer), then the
     highest-ranked BM25 passages that are neither gold nor contain an answer string.
+    ``negative_candidates`` (one ranked row list per example, e.g. from a dense index) replaces BM25's
+    ranking for the hard negatives, with the same filter.
     """
+    if negative_candidates is not None and len(negative_candidates) != len(examples):
+        raise ValueError(f"{len(negative_candidates)} candidate lists for {len(examples)} examples")
     depth = min(depth, len(index))
     report = MiningReport()
     mined: list[MinedExample] = []
     for start in range(0, len(examples), SEARCH_CHUNK):
         chunk = examples[start : start + SEARCH_CHUNK]
         _, ranked = index.search_texts([e.question for e in chunk], depth)
-        for example, rows in zip(chunk, ranked.tolist()):
+        for offset, (example, rows) in enumerate(zip(chunk, ranked.tolist())):
             report.examples += 1
             gold_rows = [r for r in (_row(store, pid) for pid in example.gold_passage_ids) if r is not None]
             answers = example.answers
@@ -249,7 +254,8 @@ def mine(
                 report.bm25_positives += 1
             given = [r for r in (_row(store, p) for p in getattr(example, "hard_negative_ids", ())) if r is not None]
             negatives: list[int] = []
-            for r in [*given, *rows]:
+            ranked_negatives = rows if negative_candidates is None else list(negative_candidates[start + offset])
+            for r in [*given, *ranked_negatives]:
                 if len(negatives) == n_negatives:
                     break
                 if r != positive and r not in gold_rows and r not in negatives and not holds_answer(r):

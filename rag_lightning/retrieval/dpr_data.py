@@ -61,9 +61,11 @@ def mine_split(
     *,
     n_negatives: int,
     depth: int,
+    negative_candidates: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[MinedExample], MiningReport]:
     """Positives and hard negatives of a QA file's examples; a file where no example has a positive is an error."""
-    mined, report = mine(index, store, examples, n_negatives=n_negatives, depth=depth)
+    mined, report = mine(index, store, examples, n_negatives=n_negatives, depth=depth,
+                         negative_candidates=negative_candidates)
     if not mined:
         raise NoPositivesError(
             f"{path}: none of its {report.examples} questions has a positive passage: no gold_passage_ids in the "
@@ -163,3 +165,42 @@ def val_loader(
         return {"question_input_ids": q_ids, "question_attention_mask": q_mask, "positive_rows": [r for _, r in batch]}
 
     return DataLoader(ListDataset(items), batch_size=batch_size, shuffle=False, collate_fn=collate), counts
+
+
+@torch.no_grad()
+def dense_candidates(
+    question_encoder: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    passage_vectors: torch.Tensor,
+    *,
+    depth: int,
+    max_question_length: int,
+    batch_size: int = 128,
+) -> list[list[int]]:
+    """The top ``depth`` corpus rows of each question by inner product with the (starting) encoders: the
+    ranking of the dense index, for dense hard negatives."""
+    from rag_lightning.models.encoders import encode_texts
+
+    was_training = question_encoder.training
+    question_encoder.eval()
+    out: list[list[int]] = []
+    pad = int(tokenizer.pad_token_id or 0)
+    try:
+        for start in range(0, len(questions), batch_size):
+            ids, mask = pad_right(_question_ids(tokenizer, questions[start : start + batch_size], max_question_length), pad)
+            q = encode_texts(question_encoder, ids, mask).float()
+            out += torch.topk(q @ passage_vectors.T, min(depth, len(passage_vectors)), dim=1).indices.tolist()
+    finally:
+        question_encoder.train(was_training)
+    return out
+
+
+def interleave(first: Sequence[Sequence[int]], second: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Per example, the rows of two rankings taken in turns (first's best, second's best, ...), each once:
+    `negatives=mixed`."""
+    out = []
+    for a, b in zip(first, second, strict=True):
+        merged = [r for pair in zip(a, b) for r in pair] + list(a[len(b):]) + list(b[len(a):])
+        out.append(list(dict.fromkeys(merged)))
+    return out
