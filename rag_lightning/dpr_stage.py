@@ -187,6 +187,11 @@ def train_retriever(cfg: DictConfig) -> dict[str, float]:
     module, dpr = p["module"], p["dpr"]
     results: dict[str, float] = {k: float(v) for k, v in p["counts"].items()}
     trainer = build_trainer(cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")))
+    if trainer.world_size > 1 and p["val"] is not None:
+        # Lightning would split the corpus loader over the ranks, and each rank would rank against its part
+        log.warning("validation on the whole corpus runs in one process: skipped under %d processes; "
+                    "measure the exported encoders with a one-process run (trainer.max_steps=0)", trainer.world_size)
+        p["val"] = None
     if dpr.validate_first and p["val"] is not None:
         t = time.time()
         trainer.validate(module, dataloaders=p["val"])

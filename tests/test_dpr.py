@@ -251,3 +251,46 @@ def test_dense_and_mixed_hard_negatives_train(tmp_path: Path, tiny_world, cli, n
     assert result.code == 0, result.output[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train/steps"] == 2 and metrics["mining/short_negatives"] == 0
+
+
+# ------------------------------------------------------------------------------------------ 2 gloo processes
+def _gather_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from rag_lightning.models.dpr import gathered_dpr_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        q, p, positive = _rank_batch(rank)
+        q.requires_grad_(True)
+        p.requires_grad_(True)
+        loss = gathered_dpr_loss(q, p, positive)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "q_grad": q.grad, "p_grad": p.grad}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank 0: 2 questions, 3 passages; rank 1: 2 questions, 4 passages (unequal counts, as dedup makes them)."""
+    generator = torch.Generator().manual_seed(10 + rank)
+    q = torch.randn(2, 5, generator=generator)
+    p = torch.randn(3 + rank, 5, generator=generator)
+    return q, p, torch.tensor([0, 2]) if rank == 0 else torch.tensor([1, 3])
+
+
+def test_two_ranks_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    (q0, p0, pos0), (q1, p1, pos1) = _rank_batch(0), _rank_batch(1)
+    q = torch.cat([q0, q1]).requires_grad_(True)
+    p = torch.cat([p0, p1]).requires_grad_(True)
+    single = dpr_loss(q, p, torch.cat([pos0, pos1 + len(p0)]))
+    single.backward()
+    # DDP averages over the 2 ranks: the mean of the rank losses, and of the rank gradients
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single.detach())
+    torch.testing.assert_close(torch.cat([ranks[0]["q_grad"], ranks[1]["q_grad"]]) / 2, q.grad)
+    torch.testing.assert_close(torch.cat([ranks[0]["p_grad"], ranks[1]["p_grad"]]) / 2, p.grad)

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rag_lightning.config import RetrieverTrainingConfig
@@ -35,6 +36,50 @@ def dpr_loss(question_vectors: torch.Tensor, passage_vectors: torch.Tensor, posi
     """
     scores = question_vectors.float() @ passage_vectors.float().T
     return torch.nn.functional.cross_entropy(scores, positive)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather of same-shape tensors whose backward keeps the gradient of the local part: every rank's
+    gradient w.r.t. the gathered tensor is summed (all_reduce, which gloo supports) and the local slice
+    returned."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gathered_dpr_loss(
+    question_vectors: torch.Tensor, passage_vectors: torch.Tensor, positive: torch.Tensor
+) -> torch.Tensor:
+    """:func:`dpr_loss` under DDP: each rank's questions against the passages of every rank.
+
+    Passage vectors are gathered across ranks (padded to the largest count, the padding masked out), the
+    gradient kept for the local part and summed over the ranks' losses in backward. With DDP's averaging of
+    gradients over W ranks of equal question counts this equals, loss and gradients, the single-process
+    :func:`dpr_loss` on the concatenated batch. Without a process group of several ranks: :func:`dpr_loss`.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dpr_loss(question_vectors, passage_vectors, positive)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    count = torch.tensor([passage_vectors.shape[0]], device=passage_vectors.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    width = int(max(c.item() for c in counts))
+    padded = torch.cat([passage_vectors, passage_vectors.new_zeros(width - passage_vectors.shape[0], passage_vectors.shape[1])])
+    everything = _GatherWithGrad.apply(padded)
+    scores = question_vectors.float() @ everything.float().T
+    real = torch.cat([torch.arange(width, device=scores.device) < c.item() for c in counts])
+    scores = scores.masked_fill(~real, float("-inf"))
+    return torch.nn.functional.cross_entropy(scores, positive + rank * width)
 
 
 def rank_metrics(scores: torch.Tensor, positives: Sequence[Sequence[int]], ks: Sequence[int]) -> dict[str, float]:
@@ -102,9 +147,9 @@ class DPRModule(L.LightningModule):
             p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
         else:
             p = self.passage_vectors[batch["passage_rows"]]
-        loss = dpr_loss(q, p, batch["positive"])
+        loss = gathered_dpr_loss(q, p, batch["positive"])
         size = q.shape[0]
-        with torch.no_grad():
+        with torch.no_grad():  # among the local passages
             accuracy = ((q @ p.T).argmax(dim=-1) == batch["positive"]).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/in_batch_accuracy", accuracy, batch_size=size)
