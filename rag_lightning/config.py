@@ -247,11 +247,12 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------ retrieval
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = ("flat", "hnsw", "ivfpq", "bm25")  # bm25: sparse, over question texts (retrieval/bm25.py)
 DISTRIBUTED_MODES = ("sharded", "replicated")
 # which index keys are build-time (a change rebuilds the index) and which search-time (no rebuild)
-BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed")}
-SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank")}
+BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed"),
+              "bm25": ()}
+SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank"), "bm25": ()}
 
 
 @dataclass
@@ -286,6 +287,11 @@ class IndexConfig:
     seed: int = 0  # training sample seed (build)
     nprobe: int = 32  # lists visited per query (no rebuild)
     rerank: int = 16  # candidates per result re-scored exactly; 1: off (no rebuild)
+    # bm25 (bm25s): term saturation, length normalisation, scoring variant, stopwords (all build-time)
+    bm25_k1: float = 1.5
+    bm25_b: float = 0.75
+    bm25_method: str = "lucene"  # robertson | lucene | bm25l | bm25+ | atire
+    bm25_stopwords: str | None = "en"
 
     def check(self, prefix: str = "index") -> None:
         _one_of(f"{prefix}.type", self.type, INDEX_TYPES)
@@ -296,6 +302,10 @@ class IndexConfig:
         for key in ("batch_size", "shard_size", "gen_max_passage_tokens", "M", "ef_construction", "ef_search",
                     "nbits", "nprobe", "rerank"):
             _positive(f"{prefix}.{key}", getattr(self, key))
+        _one_of(f"{prefix}.bm25_method", self.bm25_method, ("robertson", "lucene", "bm25l", "bm25+", "atire"))
+        _at_least(f"{prefix}.bm25_k1", self.bm25_k1, 0.0)
+        if not 0.0 <= self.bm25_b <= 1.0:
+            raise ConfigError(f"{prefix}.bm25_b={self.bm25_b} must be in [0, 1]")
 
     def build_params(self) -> dict[str, int]:
         return {key: int(getattr(self, key)) for key in BUILD_KEYS[self.type]}
@@ -317,6 +327,53 @@ class ContextConfig:
     def check(self, prefix: str = "context") -> None:
         _one_of(f"{prefix}.layout", self.layout, CONTEXT_LAYOUTS)
         _at_least(f"{prefix}.max_length", self.max_length, 8)
+
+
+# ------------------------------------------------------------------------------------------ DPR stage
+DPR_NEGATIVES = ("bm25", "dense", "mixed")
+
+
+@dataclass
+class RetrieverTrainingConfig:
+    """`dpr`: rag-train-retriever's DPR stage (conf/train_retriever.yaml, conf/dpr/): the question and context
+    encoders trained with in-batch plus hard negatives."""
+
+    shared_encoder: bool = False  # one set of weights for questions and passages
+    # false: the context encoder stays fixed and its passage vectors are computed once (the index's cached
+    # vectors): only the question encoder trains, and validation needs no re-encoding of the corpus
+    train_context_encoder: bool = True
+    hard_negatives: int = 1  # per question, besides the in-batch ones
+    # where hard negatives come from: bm25, dense (the starting encoders' ranking of the whole corpus), mixed
+    # (the two rankings in turns)
+    negatives: str = "bm25"
+    mining_depth: int = 50  # BM25 passages looked at per question for its positive and hard negatives
+    batch_size: int = 16  # questions per step
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    scheduler: str = "linear"  # linear | cosine | constant
+    trainable_layers: int | None = None  # train only the top N layers of each encoder (None: all, embeddings too)
+    eval_ks: list[int] = field(default_factory=lambda: [1, 3, 20])  # recall@k on the whole corpus
+    eval_batch_size: int = 128  # passages or questions per encoding batch at validation
+    validate_first: bool = False  # also validate the starting encoders (one more corpus encoding)
+
+    def check(self, prefix: str = "dpr") -> None:
+        _one_of(f"{prefix}.negatives", self.negatives, DPR_NEGATIVES)
+        _one_of(f"{prefix}.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _at_least(f"{prefix}.hard_negatives", self.hard_negatives, 0)
+        for key in ("mining_depth", "batch_size", "lr", "eval_batch_size"):
+            _positive(f"{prefix}.{key}", getattr(self, key))
+        _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        if self.trainable_layers is not None:
+            _positive(f"{prefix}.trainable_layers", self.trainable_layers)
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            raise ConfigError(f"{prefix}.eval_ks={self.eval_ks} must be a non-empty list of ranks >= 1")
+        if self.shared_encoder and not self.train_context_encoder:
+            raise ConfigError(f"{prefix}.shared_encoder=true trains the one encoder for passages too: it needs "
+                              f"{prefix}.train_context_encoder=true")
+        if self.hard_negatives >= self.mining_depth:
+            raise ConfigError(f"{prefix}.hard_negatives={self.hard_negatives} must be < {prefix}.mining_depth")
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -420,6 +477,7 @@ SCHEMAS = {  # group -> the dataclass its files extend (listed as `_schema` firs
     "model": ModelConfig,
     "model/question_encoder": QuestionEncoderConfig,
     "model/generator": GeneratorConfig,
+    "dpr": RetrieverTrainingConfig,
 }
 
 

@@ -41,6 +41,12 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
     return max((_f1(prediction, a) for a in answers), default=0.0)
 
 
+def has_answer(text: str, answers: Sequence[str]) -> bool:
+    """True when ``text`` contains one of ``answers`` as whole words, after SQuAD normalisation (DPR's rule)."""
+    padded = f" {normalize_answer(text)} "
+    return any(f" {a} " in padded for a in map(normalize_answer, answers) if a)
+
+
 def retrieval_hits(
     retrieved_ids: Sequence[Sequence[str]],
     retrieved_texts: Sequence[Sequence[str]],
@@ -58,8 +64,7 @@ def retrieval_hits(
             gold_set = set(gold)
             rows.append([pid in gold_set for pid in ids])
         else:
-            norm_ans = [f" {normalize_answer(a)} " for a in ans if normalize_answer(a)]
-            rows.append([any(a in f" {normalize_answer(t)} " for a in norm_ans) for t in texts])
+            rows.append([has_answer(t, ans) for t in texts])
     return torch.tensor(rows, dtype=torch.bool)
 
 

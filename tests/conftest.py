@@ -206,6 +206,7 @@ ENTRY_POINTS = {
     "rag-prepare": "rag_lightning.prepare",
     "rag-index": "rag_lightning.index",
     "rag-train": "rag_lightning.train",
+    "rag-train-retriever": "rag_lightning.train_retriever",
     "rag-eval": "rag_lightning.eval",
     "rag-predict": "rag_lightning.predict",
     "rag-report": "rag_lightning.report.cli",

@@ -18,8 +18,8 @@ LAYERS = [
     ("data", {"data"}),
     ("models", {"models"}),
     ("retrieval", {"retrieval"}),
-    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export", "resume"}),
-    ("entry points", {"prepare", "index", "train", "eval", "predict", "report"}),
+    ("pipeline", {"pipeline", "callbacks", "ddp", "tracking", "export", "resume", "dpr_stage"}),
+    ("entry points", {"prepare", "index", "train", "eval", "predict", "report", "train_retriever"}),
 ]
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from rag_lightning.config import ConfigError, ModelConfig, QuestionEncoderConfig, section
-from rag_lightning.models.module import RagModule, _lr_lambda, contrastive_retrieval_loss, with_specials
+from rag_lightning.models.module import (
+    RagModule,
+    _lr_lambda,
+    contrastive_loss,
+    contrastive_retrieval_loss,
+    with_specials,
+)
 
 
 def test_with_specials_wraps_each_question():
@@ -103,12 +109,24 @@ def test_lr_schedule_boundaries_and_shapes():
     assert short(4) == 1.0 and short(5) == 0.0 and short(6) == 0.0
 
 
-def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
-    vectors = torch.randn(3, 4).numpy()
+def test_contrastive_loss_with_hard_negatives_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # passages: q0's gold, q1's gold, a retrieved non-gold one, a second gold passage of q1
+    p = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0]])
+    positives = torch.tensor([[True, False, False, False], [False, True, False, True]])
+    loss = contrastive_loss(q, p, positives)
+    # q0 scores [2, 0, 1, 0]: -log(e^2 / (e^2 + 1 + e + 1)); q1 scores [0, 1, 1, 2]: -log((e + e^2) / (1 + 2e + e^2))
+    e = math.e
+    expected = (-math.log(e**2 / (e**2 + 2 + e)) - math.log((e + e**2) / (1 + 2 * e + e**2))) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
+def test_retrieval_loss_takes_retrieved_passages_as_negatives_and_skips_gold_ids_outside_the_corpus():
+    vectors = torch.randn(4, 4).numpy()
 
     class FakeRetriever:  # the retriever API the module uses: rows of ids, vectors of rows
         def rows_of(self, ids):
-            return [{"a": 0, "b": 1, "c": 2}.get(pid) for pid in ids]
+            return [{"a": 0, "b": 1, "c": 2, "d": 3}.get(pid) for pid in ids]
 
         def vectors(self, rows):
             return torch.from_numpy(vectors[list(rows)])
@@ -116,10 +134,17 @@ def test_retrieval_loss_skips_gold_ids_outside_the_corpus():
     module = _module(freeze=False)
     module.retriever = FakeRetriever()
     q = torch.randn(4, 4)
-    batch = {"gold_passage_ids": [["a"], ["zz"], [], ["c"]]}
-    loss = module.retrieval_loss(batch, {"question_vectors": q})
-    expected = contrastive_retrieval_loss(q[[0, 3]], torch.from_numpy(vectors[[0, 2]]), torch.tensor([0, 2]))
-    assert torch.allclose(loss, expected)
+    batch = {"gold_passage_ids": [["a"], ["zz"], [], ["c", "d"]]}
+    rows = torch.tensor([[1, 0], [3, 1], [0, 1], [2, 1]])  # retrieved for each question
+    loss = module.retrieval_loss(batch, {"question_vectors": q, "rows": rows})
+    # kept questions 0 and 3; passages: the first golds a, c, then the retrieved b, d (each once)
+    columns = torch.from_numpy(vectors[[0, 2, 1, 3]])
+    log_p0 = torch.log_softmax(q[0] @ columns.T, -1)
+    log_p3 = torch.log_softmax(q[3] @ columns.T, -1)
+    # question 0: positive a only; question 3: c and d (both its gold passages), b a hard negative
+    expected = -(log_p0[0] + torch.logsumexp(log_p3[[1, 3]], 0)) / 2
+    torch.testing.assert_close(loss, expected)
+    assert module.retrieval_loss({"gold_passage_ids": [["zz"], []]}, {"question_vectors": q[:2], "rows": rows[:2]}) is None
 
 
 def test_gold_curriculum_applies_only_in_training_before_its_step_limit():

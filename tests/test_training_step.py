@@ -143,8 +143,9 @@ def test_the_step_learns_a_tiny_batch(tiny_module):
 
 def test_the_multi_task_step_adds_the_weighted_contrastive_term(tiny_module):
     """model.retrieval_loss_weight=w: the step's loss is the NLL plus w times the retriever's contrastive loss
-    of the batch's questions against their gold passages (each question's gold vector its positive)."""
-    from rag_lightning.models.module import contrastive_retrieval_loss
+    of the batch's questions against their gold passages and every retrieved passage (the non-gold ones
+    are hard negatives)."""
+    from rag_lightning.models.module import contrastive_loss
 
     module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
     module.eval()
@@ -155,7 +156,11 @@ def test_the_multi_task_step_adds_the_weighted_contrastive_term(tiny_module):
     ).pooler_output
     rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
     assert None not in rows  # every tiny-world question names its gold passage
-    contrastive = contrastive_retrieval_loss(q, module.retriever.vectors(rows), torch.tensor(rows))
+    retrieved = module.retrieve(batch, module.cfg.n_docs)["rows"]
+    columns = list(dict.fromkeys(rows + retrieved.reshape(-1).tolist()))
+    assert len(columns) > len(set(rows))  # retrieved non-gold passages joined the in-batch golds
+    positives = torch.tensor([[c == r for c in columns] for r in rows])  # one gold passage per question here
+    contrastive = contrastive_loss(q, module.retriever.vectors(columns), positives)
     assert contrastive.item() > 0.1
     torch.testing.assert_close(loss, nll + 0.5 * contrastive, rtol=1e-5, atol=1e-6)
     # the term needs a training encoder: none while it is frozen
@@ -217,8 +222,6 @@ def test_evaluation_never_swaps_answers(tiny_module):
 def test_the_step_logs_its_terms_under_their_dashboard_names(tiny_module):
     """What a training step sends to the loggers: each term under its name, with the batch size (B), and the
     loss on the progress bar."""
-    from rag_lightning.models.module import contrastive_retrieval_loss
-
     module, batch = tiny_module("model.question_encoder_warmup_steps=0", "model.retrieval_loss_weight=0.5")
     module.eval()
     logged = {}
@@ -230,8 +233,7 @@ def test_the_step_logs_its_terms_under_their_dashboard_names(tiny_module):
     assert logged["train/loss"][1].get("prog_bar") is True
     assert all(not kwargs.get("prog_bar") for name, (_, kwargs) in logged.items() if name != "train/loss")
     nll, ret = module.nll(batch, module.cfg.n_docs, module.cfg.loss_reduction)
-    rows = module.retriever.rows_of([gold[0] for gold in batch["gold_passage_ids"]])
-    contrastive = contrastive_retrieval_loss(ret["question_vectors"], module.retriever.vectors(rows), torch.tensor(rows))
+    contrastive = module.retrieval_loss(batch, ret)
     torch.testing.assert_close(logged["train/loss"][0], loss)
     torch.testing.assert_close(logged["train/nll"][0], nll)
     torch.testing.assert_close(logged["train/retrieval_loss"][0], contrastive)

@@ -11,6 +11,10 @@ Formats (chosen by extension):
 - corpus ``.tsv``: the DPR passage file (``psgs_w100.tsv``), header ``id<TAB>text<TAB>title``.
 - QA ``.jsonl``: ``question``, ``answers`` (list of strings), optional ``id`` (unique in the file; default
   ``<file stem>-<line>``) and ``gold_passage_ids``; other fields are ignored.
+- QA ``.json``: DPR's retriever training format (``biencoder-*.json``): one JSON array of objects with
+  ``question``, ``answers``, ``positive_ctxs`` (their ``passage_id`` become the gold passage ids),
+  ``negative_ctxs`` and ``hard_negative_ctxs`` (ids kept as the example's hard negatives); errors name the
+  line where the object starts.
 - QA ``.csv`` / ``.tsv``: the DPR QA files: question, then the answers as a Python list literal
   (``['a', 'b']``), parsed with ``ast.literal_eval`` (never ``eval``). DPR's ``.csv`` files are
   tab-separated; a ``.csv`` whose first line has no tab is read as comma-separated.
@@ -46,6 +50,11 @@ QA_CSV_FIX = (
     "each row must be question<TAB>answers, answers a Python list literal such as ['Paris'] (DPR format); "
     f"fix or remove the row, {SKIP_HINT}"
 )
+QA_DPR_JSON_FIX = (
+    "the file must be one JSON array of objects with 'question' (string), 'answers' (list of strings), "
+    "'positive_ctxs' (list of objects with 'passage_id'), optional 'negative_ctxs' and 'hard_negative_ctxs' "
+    f"(DPR's biencoder format); fix or remove the object, {SKIP_HINT}"
+)
 TSV_HEADER = ("id", "text", "title")
 _QA_HEADER_NAMES = {"answer", "answers"}
 
@@ -67,6 +76,7 @@ class QAExample:
     question: str
     answers: tuple[str, ...]
     gold_passage_ids: tuple[str, ...] = ()
+    hard_negative_ids: tuple[str, ...] = ()  # DPR's hard_negative_ctxs (retriever training)
 
 
 class DataError(UserError, ValueError):
@@ -359,6 +369,73 @@ def _gold_ids(value: Any) -> tuple[str, ...]:
     return tuple(_as_id(item, "gold_passage_ids") for item in value)
 
 
+def _dpr_json_objects(path: Path, collector: _Collector) -> Iterator[tuple[int, Any]]:
+    """The elements of a top-level JSON array, each with the line it starts on (json.load knows no lines)."""
+    try:
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, f"invalid UTF-8 (byte {err.start + 1})", QA_DPR_JSON_FIX) from None
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        raise DataError(path, text.count("\n", 0, pos) + 1, "expected a JSON array '[' of examples", QA_DPR_JSON_FIX)
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        line = text.count("\n", 0, pos) + 1
+        if pos >= len(text):
+            raise DataError(path, line, "the JSON array is not closed with ']'", QA_DPR_JSON_FIX)
+        if text[pos] == "]":
+            return
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            # the rest of the array cannot be found reliably after a syntax error: never skippable
+            raise DataError(path, err.lineno, f"malformed JSON ({err.msg} at column {err.colno})", QA_DPR_JSON_FIX) from None
+        yield line, obj
+
+
+def _ctx_ids(obj: dict[str, Any], key: str, required: bool) -> tuple[str, ...]:
+    if key not in obj:
+        if required:
+            raise _BadRow(f"missing field '{key}' (DPR's biencoder format names the gold passages there)")
+        return ()
+    ctxs = obj[key]
+    if not isinstance(ctxs, list):
+        raise _BadRow(f"'{key}' must be a list of passage objects, got {type(ctxs).__name__}")
+    ids = []
+    for i, ctx in enumerate(ctxs):
+        if not isinstance(ctx, dict):
+            raise _BadRow(f"'{key}[{i}]' must be an object with 'passage_id', got {type(ctx).__name__}")
+        found = next((k for k in ("passage_id", "psg_id", "id") if k in ctx), None)
+        if found is None:
+            raise _BadRow(f"'{key}[{i}]' has no 'passage_id': the passage must be named by its corpus id")
+        ids.append(_as_id(ctx[found], f"{key}[{i}].{found}"))
+    return tuple(ids)
+
+
+def _qa_dpr_json(path: Path, collector: _Collector) -> Iterator[QAExample]:
+    for index, (line, obj) in enumerate(_dpr_json_objects(path, collector)):
+        try:
+            if not isinstance(obj, dict):
+                raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
+            if "answers" not in obj:
+                raise _BadRow("missing field 'answers'")
+            example = QAExample(
+                id=_as_id(obj["id"]) if "id" in obj else f"{path.stem}-{index}",
+                question=_required_str(obj, "question"),
+                answers=_answers(obj["answers"]),
+                gold_passage_ids=_ctx_ids(obj, "positive_ctxs", required=True),
+                hard_negative_ids=_ctx_ids(obj, "hard_negative_ctxs", required=False),
+            )
+            _ctx_ids(obj, "negative_ctxs", required=False)  # checked; DPR's random negatives are not used
+        except _BadRow as err:
+            collector.bad(line, str(err))
+            continue
+        yield example
+
+
 def _qa_csv(path: Path, collector: _Collector, delimiter: str) -> Iterator[QAExample]:
     for index, (line, row) in enumerate(_csv_rows(path, collector, delimiter)):
         if index == 0 and len(row) >= 2 and row[1].strip().lower() in _QA_HEADER_NAMES:
@@ -395,11 +472,15 @@ def iter_qa(
     path: str | Path, *, skip_bad_rows: bool = False, report: ReadReport | None = None
 ) -> Iterator[QAExample]:
     """Stream a QA file (.jsonl, or DPR .csv/.tsv); ``report`` is filled as rows pass."""
-    kinds = {".jsonl": "question, answers, id, gold_passage_ids", ".csv": "DPR QA", ".tsv": "DPR QA"}
+    kinds = {".jsonl": "question, answers, id, gold_passage_ids", ".csv": "DPR QA", ".tsv": "DPR QA",
+             ".json": "DPR biencoder training file"}
     p, suffix = _open_checked(path, kinds, "QA")
     if suffix == ".jsonl":
         collector = _Collector(p, QA_JSONL_FIX, skip_bad_rows, report)
         return collector.track(_qa_jsonl(p, collector))
+    if suffix == ".json":
+        collector = _Collector(p, QA_DPR_JSON_FIX, skip_bad_rows, report)
+        return collector.track(_qa_dpr_json(p, collector))
     delimiter = "\t" if suffix == ".tsv" else _sniff_delimiter(p)
     collector = _Collector(p, QA_CSV_FIX, skip_bad_rows, report)
     return collector.track(_qa_csv(p, collector, delimiter))
@@ -412,6 +493,6 @@ def read_corpus(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[Passag
 
 
 def read_qa(path: str | Path, *, skip_bad_rows: bool = False) -> Rows[QAExample]:
-    """Read a whole QA file (.jsonl, or DPR .csv/.tsv); the result's ``.report`` says what was kept and skipped."""
+    """Read a whole QA file (.jsonl, DPR .csv/.tsv, or DPR biencoder .json); the result's ``.report`` says what was kept and skipped."""
     report = ReadReport(path=str(path))
     return _rows(iter_qa(path, skip_bad_rows=skip_bad_rows, report=report), report)

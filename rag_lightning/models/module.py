@@ -38,6 +38,18 @@ def with_specials(ids: torch.Tensor, mask: torch.Tensor, bos: int, eos: int, pad
     return out, mask.long()
 
 
+def contrastive_loss(
+    question_vectors: torch.Tensor, passage_vectors: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Mean over questions of -log of the softmax mass (over all M passages) on the question's positives.
+
+    question_vectors (B, d), passage_vectors (M, d), positives (B, M) bool: which passages count as positive
+    for each question (every question needs one); all others are its negatives.
+    """
+    log_p = torch.log_softmax((question_vectors @ passage_vectors.T).float(), dim=-1)
+    return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+
+
 def contrastive_retrieval_loss(
     question_vectors: torch.Tensor, gold_vectors: torch.Tensor, gold_rows: torch.Tensor
 ) -> torch.Tensor:
@@ -46,10 +58,7 @@ def contrastive_retrieval_loss(
     question_vectors (B, d) and gold_vectors (B, d) pair each question with its gold passage; questions
     that share a gold passage count every copy as positive (gold_rows (B,) are their corpus rows).
     """
-    scores = question_vectors @ gold_vectors.T
-    positives = gold_rows[:, None] == gold_rows[None, :]
-    log_p = torch.log_softmax(scores.float(), dim=-1)
-    return -torch.logsumexp(log_p.masked_fill(~positives, float("-inf")), dim=-1).mean()
+    return contrastive_loss(question_vectors, gold_vectors, gold_rows[:, None] == gold_rows[None, :])
 
 
 class NonFiniteLossError(UserError, ArithmeticError):
@@ -97,8 +106,18 @@ class RagModule(L.LightningModule):
     def mode(self) -> Mode:
         return Mode(self.cfg.mode)
 
+    @property
+    def sparse_retrieval(self) -> bool:
+        """BM25 (`index=bm25`): passages are found and scored from the question text; the question encoder is
+        unused and never trained."""
+        return bool(getattr(self.retriever, "sparse", False))
+
     def question_encoder_frozen(self) -> bool:
-        return self.cfg.freeze_question_encoder or self.global_step < self.cfg.question_encoder_warmup_steps
+        return (
+            self.cfg.freeze_question_encoder
+            or self.sparse_retrieval
+            or self.global_step < self.cfg.question_encoder_warmup_steps
+        )
 
     def encode_questions(self, batch: dict) -> torch.Tensor:
         """Question vectors (B, d); differentiable unless the encoder is frozen.
@@ -150,6 +169,11 @@ class RagModule(L.LightningModule):
                 f"RagModule in mode {self.mode.value} needs a retriever; build the module with "
                 "rag_lightning.pipeline.build_module, which attaches one"
             )
+        if self.sparse_retrieval:
+            found = self.retriever.retrieve_texts(batch["questions"], n_docs)
+            if self.training and self.global_step < self.cfg.gold_passage_steps:
+                found = self.retriever.with_gold(found, batch["gold_passage_ids"], None, batch["questions"])
+            return self._contexts(batch, found, None, found.scores.to(batch["question_input_ids"].device))
         # retrieval stays float32 under mixed precision: the index was built from float32 vectors
         with torch.autocast(batch["question_input_ids"].device.type, enabled=False):
             q = self.encode_questions(batch)
@@ -157,6 +181,10 @@ class RagModule(L.LightningModule):
             if self.training and self.global_step < self.cfg.gold_passage_steps:
                 found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
             doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
+        return self._contexts(batch, found, q, doc_scores)
+
+    def _contexts(self, batch: dict, found: Any, q: torch.Tensor | None, doc_scores: torch.Tensor) -> dict:
+        """The retrieval result of a batch with the generator's contexts (q is None for sparse retrieval)."""
         lengths = batch["question_generator_mask"].sum(dim=1).tolist()
         question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]
         ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
@@ -165,8 +193,8 @@ class RagModule(L.LightningModule):
             "rows": found.rows,
             "passage_ids": found.passage_ids,
             "doc_scores": doc_scores,
-            "context_input_ids": ctx_ids.to(q.device),
-            "context_attention_mask": ctx_mask.to(q.device),
+            "context_input_ids": ctx_ids.to(doc_scores.device),
+            "context_attention_mask": ctx_mask.to(doc_scores.device),
         }
 
     def nll(self, batch: dict, n_docs: int, reduction: str) -> tuple[torch.Tensor, dict | None]:
@@ -215,16 +243,22 @@ class RagModule(L.LightningModule):
         return loss, ret
 
     def retrieval_loss(self, batch: dict, ret: dict) -> torch.Tensor | None:
-        """The optional multi-task term: the retriever's contrastive loss where gold passages are known."""
-        # a gold id outside this corpus: the example has no positive here
+        """The multi-task term: the retriever's contrastive loss of the questions that name a gold passage.
+
+        The passages are the batch's first gold passages (in-batch negatives for the other questions) and
+        every passage retrieved for the batch (hard negatives by construction); a question's positives are
+        those among them that are its gold passages (any of its gold ids). None when no question has a gold
+        passage in this corpus."""
+        golds = [{r for r in self.retriever.rows_of(list(gold)) if r is not None} for gold in batch["gold_passage_ids"]]
         firsts = self.retriever.rows_of([gold[0] if gold else "" for gold in batch["gold_passage_ids"]])
-        keep = [i for i, (gold, row) in enumerate(zip(batch["gold_passage_ids"], firsts)) if gold and row is not None]
-        gold_rows = [firsts[i] for i in keep]
-        if len(keep) < 2:
+        keep = [i for i, row in enumerate(firsts) if row is not None]  # a gold id outside this corpus: no positive
+        if not keep:
             return None
+        columns = list(dict.fromkeys([firsts[i] for i in keep] + [int(r) for r in ret["rows"].reshape(-1).tolist()]))
         q = ret["question_vectors"][keep]
-        gold_vectors = self.retriever.vectors(gold_rows).to(q.device, q.dtype)
-        return contrastive_retrieval_loss(q, gold_vectors, torch.tensor(gold_rows, device=q.device))
+        positives = torch.tensor([[c in golds[i] for c in columns] for i in keep], device=q.device)
+        vectors = self.retriever.vectors(columns).to(q.device, q.dtype)
+        return contrastive_loss(q, vectors, positives)
 
     # ---------------------------------------------------------------- Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -378,7 +412,8 @@ class RagModule(L.LightningModule):
     def configure_optimizers(self):
         opt = self.cfg.optim
         groups = _param_groups(self.generator, opt.lr, opt.weight_decay)
-        if not self.cfg.freeze_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
+        trains_question_encoder = not self.cfg.freeze_question_encoder and not self.sparse_retrieval
+        if trains_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
             groups += _param_groups(self.question_encoder, opt.question_encoder_lr, opt.weight_decay)
         else:
             self.question_encoder.requires_grad_(False)

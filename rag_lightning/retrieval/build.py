@@ -137,7 +137,7 @@ def index_expectation(spec: RetrievalSpec, store: CorpusStore, ctx_encoder: torc
     }
 
 
-def _encode_device(index: IndexConfig) -> str:
+def encode_device(index: IndexConfig) -> str:
     if index.encode_device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return index.encode_device
@@ -173,6 +173,8 @@ def ensure_index(
     """
     with build_lock(spec.cache_dir):
         store = ensure_store(spec, gen_tokenizer, load_encoder_tokenizer(spec.encoder, "context"))
+        if spec.index.type == "bm25":
+            return (store, *_ensure_bm25(spec, store))
         ctx_encoder = build_context_encoder(spec.encoder)
         expect = index_expectation(spec, store, ctx_encoder)
         index_dir = Path(spec.index.dir)
@@ -193,7 +195,7 @@ def ensure_index(
             spec.index.vectors_dir,
             batch_size=spec.index.batch_size,
             shard_size=spec.index.shard_size,
-            device=_encode_device(spec.index),
+            device=encode_device(spec.index),
             progress=spec.index.progress,
             verify_full=full_check,
         )
@@ -211,11 +213,43 @@ def ensure_index(
         return store, index_dir, expect
 
 
+def _ensure_bm25(spec: RetrievalSpec, store: CorpusStore) -> tuple[Path, dict[str, Any]]:
+    """The BM25 index of ``spec`` (no encoder involved), built when missing or built for other inputs."""
+    from rag_lightning.retrieval.bm25 import BM25Index, bm25_expectation
+
+    expect = bm25_expectation(store, spec.index)
+    index_dir = Path(spec.index.dir)
+    try:
+        BM25Index.check(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
+        log.info("BM25 index %s is up to date", index_dir)
+        return index_dir, expect
+    except IndexStateError as why:
+        log.info("building the BM25 index: %s", str(why).splitlines()[0])
+    start = time.time()
+    BM25Index.build(store, spec.index).save(index_dir)
+    log.info("BM25 index of %d passages in %s (%.1fs)", len(store), index_dir, time.time() - start)
+    return index_dir, expect
+
+
 def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
     """The retriever of a training / eval / predict run: store and index ensured (built when missing), the
     index opened lazily (a DDP rank learns its shard only once Lightning has set up the process group) and
     searched as ``index.distributed`` says."""
     store, index_dir, expect = ensure_index(spec, gen_tokenizer)
+    if spec.index.type == "bm25":
+        from rag_lightning.retrieval.bm25 import BM25Index
+
+        bm25 = BM25Index.load(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
+        return Retriever(
+            bm25,
+            store,
+            max_context_length=spec.context.max_length,
+            layout=spec.context.layout,
+            title_separator=store.title_separator,
+            bos_id=gen_tokenizer.bos_token_id,
+            eos_id=gen_tokenizer.eos_token_id,
+            pad_id=gen_tokenizer.pad_token_id,
+        )
     index = LazyPassageIndex.open(
         index_dir,
         expect=expect,
@@ -238,9 +272,19 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
 
 def describe(store_dir: str | Path, index_dir: str | Path) -> dict[str, str]:
     """What a built store and index hold, from their manifests, as (item, value) rows for people."""
+    from rag_lightning.retrieval.bm25 import MANIFEST_FILE as BM25_MANIFEST
     from rag_lightning.retrieval.faiss_index import MANIFEST_FILE
 
     store = CorpusStore.read_manifest(store_dir) or {}
+    if (Path(index_dir) / BM25_MANIFEST).is_file():
+        bm25 = json.loads((Path(index_dir) / BM25_MANIFEST).read_text(encoding="utf-8"))
+        return {
+            "passages": f"{store.get('passages', 0):,}",
+            "index": f"bm25 (bm25s {bm25['bm25s_version']}) {bm25['method']} k1={bm25['k1']} b={bm25['b']} "
+            f"stopwords={bm25['stopwords']}",
+            "store dir": str(store_dir),
+            "index dir": str(index_dir),
+        }
     index = json.loads((Path(index_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
     params = ", ".join(f"{k}={v}" for k, v in {**index["effective_params"], **index["search_params"]}.items())
     return {

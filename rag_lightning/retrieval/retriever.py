@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from rag_lightning.data.pieces import SEPARATOR
 from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
 from rag_lightning.retrieval.store import CorpusStore
+
+if TYPE_CHECKING:
+    from rag_lightning.retrieval.bm25 import BM25Index
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Retriever:
 
     def __init__(
         self,
-        index: PassageIndex,
+        index: PassageIndex | BM25Index,
         store: CorpusStore,
         *,
         max_context_length: int,
@@ -106,6 +109,11 @@ class Retriever:
         """Passages in the corpus."""
         return len(self.store)
 
+    @property
+    def sparse(self) -> bool:
+        """True for an index that scores question texts (BM25: :meth:`retrieve_texts`), not vectors."""
+        return bool(getattr(self.index, "sparse", False))
+
     # ---- the API -------------------------------------------------------------------------------
     @torch.no_grad()
     def retrieve(self, question_vectors: torch.Tensor, k: int) -> Retrieved:
@@ -122,9 +130,19 @@ class Retriever:
         return self._result(torch.from_numpy(np.asarray(rows)), torch.from_numpy(np.asarray(scores)),
                             question_vectors.device)
 
+    def retrieve_texts(self, questions: Sequence[str], k: int) -> Retrieved:
+        """Top-``k`` passages per question text from a sparse (BM25) index; scores are BM25 scores and
+        ``vectors`` are empty (B, k, 0): there is nothing to differentiate."""
+        if not self.sparse:
+            raise TypeError(f"the {self.index.index_type} index searches question vectors: use retrieve()")
+        scores, rows = self.index.search_texts(list(questions), k)
+        return self._result(torch.from_numpy(rows), torch.from_numpy(scores), torch.device("cpu"))
+
     def vectors(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """The exact passage vectors of ``rows`` (any shape), float32 on the CPU: shape rows.shape + (d,)."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
+        if self.sparse:
+            return torch.zeros(*rows.shape, 0)
         flat = np.asarray(self.index.vectors[rows.reshape(-1).numpy()], dtype=np.float32)
         return torch.from_numpy(flat).reshape(*rows.shape, -1)
 
@@ -146,13 +164,18 @@ class Retriever:
         ]
 
     def with_gold(
-        self, found: Retrieved, gold_passage_ids: Sequence[Sequence[str]], question_vectors: torch.Tensor
+        self,
+        found: Retrieved,
+        gold_passage_ids: Sequence[Sequence[str]],
+        question_vectors: torch.Tensor | None,
+        questions: Sequence[str] | None = None,
     ) -> Retrieved:
         """``found`` with each example's first gold passage in its last slot when the search missed it.
 
         The training-time curriculum: every step then carries a passage that holds the answer, so the
         generator learns to read before it has to cope with retrieval misses.  Examples without a gold id,
-        or with one outside this corpus, keep what the search found."""
+        or with one outside this corpus, keep what the search found. A sparse index scores the new rows
+        with the question texts (``questions``), a dense one with ``question_vectors``."""
         rows = found.rows.clone()
         firsts = self.rows_of([gold[0] if gold else "" for gold in gold_passage_ids])
         for b, (gold, row) in enumerate(zip(gold_passage_ids, firsts)):
@@ -160,6 +183,9 @@ class Retriever:
                 rows[b, -1] = row
         if torch.equal(rows, found.rows):
             return found
+        if self.sparse:
+            scores = torch.from_numpy(self.index.score_rows(list(questions or []), rows.numpy()))
+            return self._result(rows, scores, found.vectors.device)
         q = question_vectors.detach().to("cpu", torch.float32)
         scores = torch.einsum("bd,bkd->bk", q, self.vectors(rows))
         return self._result(rows, scores, found.vectors.device)
