@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,41 @@ def test_no_val_or_test_entity_in_a_train_question(built: dict[str, Any]) -> Non
     leaks = [q["question"] for q in splits["train"] if pattern.search(q["question"])]
     assert leaks == []
     assert built["manifest"]["counts"]["dropped"]["train_questions_mentioning_held_out"] > 0
+
+
+def _entity_pairs(q: dict[str, Any], by_title: dict[str, str]) -> set[frozenset[str]]:
+    """The pairs of entities a question is about, found without the builder's own `objects`: its subject
+    with every entity named by an answer (passage titles) or owning a gold passage."""
+    others = {by_title[a] for a in q["answers"] if a in by_title}
+    others |= {pid.rsplit("-", 1)[0] for pid in q["gold_passage_ids"]}
+    return {frozenset((q["subject"], o)) for o in others - {q["subject"]}}
+
+
+def test_no_held_out_fact_is_asked_the_other_way_round_in_train(built: dict[str, Any]) -> None:
+    """Val "largest city of Japan?" (Tokyo) and train "country of the city of Tokyo?" (Japan) ask one fact."""
+    splits, passages = built["splits"], built["passages"]
+    by_title = {p["title"]: pid.rsplit("-", 1)[0] for pid, p in passages.items()}
+    held = [q for s in ("val", "test") for q in splits[s]]
+    held_pairs = {pair for q in held for pair in _entity_pairs(q, by_title)}
+    assert len(held_pairs) > 100  # capitals, largest cities, countries of cities, borders, ...
+    train_pairs = {pair for q in splits["train"] for pair in _entity_pairs(q, by_title)}
+    assert held_pairs & train_pairs == set()
+    # the issue's wording: no held-out question shares a gold passage with a train question on the same pair
+    gold_of = defaultdict(list)
+    for t in splits["train"]:
+        for pid in t["gold_passage_ids"]:
+            gold_of[pid].append(t)
+    shared = [
+        (q["id"], t["id"])
+        for q in held
+        for pid in q["gold_passage_ids"]
+        for t in gold_of[pid]
+        if _entity_pairs(q, by_title) & _entity_pairs(t, by_title)
+    ]
+    assert shared == []
+    # the builder's own record of the pairs agrees, and it had inverses to drop
+    assert all({frozenset((q["subject"], o)) for o in q["objects"]} for q in held if q["relation"] == "city_country")
+    assert built["manifest"]["counts"]["dropped"]["train_questions_on_held_out_pairs"] > 0
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
