@@ -11,6 +11,9 @@ Formats (chosen by extension):
 - corpus ``.tsv``: the DPR passage file (``psgs_w100.tsv``), header ``id<TAB>text<TAB>title``.
 - QA ``.jsonl``: ``question``, ``answers`` (list of strings), optional ``id`` (unique in the file; default
   ``<file stem>-<line>``) and ``gold_passage_ids``; other fields are ignored.
+- KILT task files (``.jsonl`` rows with ``input`` and ``output``) and the KILT knowledge source (``.json`` or
+  ``.jsonl`` rows with ``wikipedia_id`` and ``text`` as a list of paragraphs), recognised by their first row:
+  ``kilt.py``.
 - QA ``.csv`` / ``.tsv``: the DPR QA files: question, then the answers as a Python list literal
   (``['a', 'b']``), parsed with ``ast.literal_eval`` (never ``eval``). DPR's ``.csv`` files are
   tab-separated; a ``.csv`` whose first line has no tab is read as comma-separated.
@@ -67,6 +70,8 @@ class QAExample:
     question: str
     answers: tuple[str, ...]
     gold_passage_ids: tuple[str, ...] = ()
+    # KILT files: the provenance pages (wikipedia ids) of each gold output, for R-precision and the KILT scores
+    provenance: tuple[tuple[str, ...], ...] = ()
 
 
 class DataError(UserError, ValueError):
@@ -383,7 +388,13 @@ def iter_corpus(
 
     Missing files and unknown formats fail at the call; bad rows, and an empty file, fail while iterating.
     """
-    p, suffix = _open_checked(path, {".jsonl": "id, title, text", ".tsv": "DPR: id, text, title"}, "corpus")
+    kinds = {".jsonl": "id, title, text", ".tsv": "DPR: id, text, title", ".json": "KILT knowledge source"}
+    p, suffix = _open_checked(path, kinds, "corpus")
+    from rag_lightning.data import kilt  # the KILT layout is recognised by its first row, no flag needed
+
+    if suffix == ".json" or (suffix == ".jsonl" and kilt.is_kilt_pages(kilt.first_object(p))):
+        collector = _Collector(p, kilt.KILT_PAGES_FIX, skip_bad_rows, report)
+        return collector.track(kilt.iter_kilt_pages(p, collector))
     if suffix == ".jsonl":
         collector = _Collector(p, CORPUS_JSONL_FIX, skip_bad_rows, report)
         return collector.track(_passages_jsonl(p, collector))
@@ -397,6 +408,11 @@ def iter_qa(
     """Stream a QA file (.jsonl, or DPR .csv/.tsv); ``report`` is filled as rows pass."""
     kinds = {".jsonl": "question, answers, id, gold_passage_ids", ".csv": "DPR QA", ".tsv": "DPR QA"}
     p, suffix = _open_checked(path, kinds, "QA")
+    from rag_lightning.data import kilt  # the KILT layout is recognised by its first row, no flag needed
+
+    if suffix == ".jsonl" and kilt.is_kilt_task(kilt.first_object(p)):
+        collector = _Collector(p, kilt.KILT_TASK_FIX, skip_bad_rows, report)
+        return collector.track(kilt.iter_kilt_task(p, collector))
     if suffix == ".jsonl":
         collector = _Collector(p, QA_JSONL_FIX, skip_bad_rows, report)
         return collector.track(_qa_jsonl(p, collector))
