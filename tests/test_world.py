@@ -58,6 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "root": root,
         "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
         "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
+        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in SPLITS},
     }
 
 
@@ -173,9 +174,48 @@ def test_no_held_out_fact_is_asked_the_other_way_round_in_train(built: dict[str,
         if _entity_pairs(q, by_title) & _entity_pairs(t, by_title)
     ]
     assert shared == []
+    # every task built from the facts: world_fever's held-out claims share no pair with a train claim or question
+    def claim_pairs(row: dict[str, Any]) -> set[frozenset[str]]:
+        subject = row["meta"]["subject"]
+        pages = {p["wikipedia_id"] for o in row["output"] for p in o["provenance"]}
+        claimed = {by_title[row["meta"]["claimed"]]} if row["meta"]["claimed"] in by_title else set()
+        true_objects = pages | (claimed if row["output"][0]["answer"] == "SUPPORTS" else set())
+        return {frozenset((subject, o)) for o in true_objects - {subject}}
+
+    fever = built["fever"]
+    held_claims = {pair for s in ("val", "test") for row in fever[s] for pair in claim_pairs(row)}
+    train_claims = {pair for row in fever["train"] for pair in claim_pairs(row)}
+    assert held_claims and not held_claims & (train_claims | train_pairs)
+    assert not held_pairs & train_claims
     # the builder's own record of the pairs agrees, and it had inverses to drop
     assert all({frozenset((q["subject"], o)) for o in q["objects"]} for q in held if q["relation"] == "city_country")
     assert built["manifest"]["counts"]["dropped"]["train_questions_on_held_out_pairs"] > 0
+
+
+def test_world_fever_is_kilt_claims_half_true_on_the_qa_splits(built: dict[str, Any]) -> None:
+    from rag_lightning.data.world_fever import CLAIMS
+
+    root, passages, fever = built["root"], built["passages"], built["fever"]
+    for split in SPLITS:
+        rows = read_qa(root / "fever" / f"{split}.jsonl")  # the KILT reader, recognised without a flag
+        labels = [ex.answers[0] for ex in rows]
+        assert len(rows) == len(fever[split]) and abs(labels.count("SUPPORTS") - labels.count("REFUTES")) <= 1
+        # one claim per fact the QA split asks, on the same subjects
+        facts = {q["id"].rsplit(".", 1)[0] for q in built["splits"][split]}
+        assert {r["id"].removesuffix(".claim") for r in fever[split]} <= facts
+        assert len(fever[split]) >= 0.95 * len(facts)
+        for ex, row in zip(rows, fever[split]):
+            assert ex.gold_passage_ids and all(pid in passages for pid in ex.gold_passage_ids)
+            assert ex.provenance == (tuple(dict.fromkeys(p.rsplit("-", 1)[0] for p in ex.gold_passage_ids)),)
+            gold = " ".join(passages[p]["text"] for p in ex.gold_passage_ids).casefold()
+            claimed = row["meta"]["claimed"]
+            # a true claim's object is in its gold passage; a false one's is nowhere in it
+            in_gold = re.search(rf"(?<!\w){re.escape(claimed.casefold())}(?!\w)", gold) is not None
+            assert in_gold == (ex.answers[0] == "SUPPORTS"), row
+    assert set(built["manifest"]["counts"]["fever_claims"]["test"]) == {"SUPPORTS", "REFUTES"}
+    assert {r["meta"]["relation"] for r in fever["train"]} == set(CLAIMS)
+    sample = next(r for r in fever["val"] if r["meta"]["relation"] == "capital")
+    assert re.fullmatch(r"The capital of .+ is .+\.", sample["input"])
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

@@ -35,6 +35,8 @@ from rag_lightning.config import WorldOptions
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
 from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST
 from rag_lightning.data.readers import Passage
+from rag_lightning.data.world_fever import FILES as FEVER_FILES
+from rag_lightning.data.world_fever import build_claims
 from rag_lightning.data.world_sources import (
     City,
     fold,
@@ -99,6 +101,7 @@ class World:
     splits: dict[str, list[Question]]
     entities: dict[str, int]  # kind -> count
     dropped: dict[str, int] = field(default_factory=dict)
+    fever: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # world_fever's KILT rows per split
 
 
 def build_key(options: WorldOptions) -> str:
@@ -364,7 +367,9 @@ def build(options: WorldOptions) -> World:
     passages = [pk for e in entities for pk in chunk_entity(e, options.max_words)]
     splits, dropped = make_splits(entities, passages, options)
     kinds = Counter(e.kind for e in entities)
-    return World([p for p, _ in passages], splits, {k: kinds[k] for k in KINDS}, dropped)
+    corpus = [p for p, _ in passages]
+    fever = build_claims(entities, corpus, splits, options.seed)
+    return World(corpus, splits, {k: kinds[k] for k in KINDS}, dropped, fever)
 
 
 # ----------------------------------------------------------------------------- files and manifest
@@ -390,6 +395,9 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
     _write_jsonl(out_dir / CORPUS_FILE, (asdict(p) for p in world.passages))
     for split in SPLITS:
         _write_jsonl(out_dir / f"{split}.jsonl", (q.to_json() for q in world.splits[split]))
+    (out_dir / "fever").mkdir(exist_ok=True)
+    for split, rows in world.fever.items():
+        _write_jsonl(out_dir / FEVER_FILES[split], rows)
     tok_dir = out_dir / TOKENIZER_DIR
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -415,6 +423,10 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
                 s: dict(sorted(Counter(q.relation for q in world.splits[s]).items())) for s in SPLITS
             },
             "dropped": world.dropped,
+            "fever_claims": {
+                s: dict(sorted(Counter(r["output"][0]["answer"] for r in rows).items()))
+                for s, rows in world.fever.items()
+            },
         },
         "files": {
             p.relative_to(out_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
