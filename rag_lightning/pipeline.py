@@ -458,7 +458,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on any QA file: metrics.json and predictions.jsonl in this run's directory."""
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"data": cfg.data, "model": cfg.model}))
+        given = {"data": cfg.data, "model": cfg.model, "task": cfg.get("task") or {}}
+        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create(given))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
         split = cfg.split_name
         loader = datamodule.test_loader(split, cfg.data.get("test_file"))

@@ -208,6 +208,17 @@ def test_verification_trains_and_tests_on_kilt_files_with_the_kilt_metrics(
     again = evaluate(eval_config(best, tmp_path / "eval"))
     for key in ("test/accuracy", "test/rprec", "test/kilt_accuracy"):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
+    # rag-eval task.constrained_decoding=true: every prediction is a label
+    from omegaconf import open_dict
+
+    cfg = eval_config(best, tmp_path / "eval_constrained")
+    with open_dict(cfg):
+        cfg.task.constrained_decoding = True
+    constrained = evaluate(cfg)
+    assert constrained["test/rprec"] == pytest.approx(results["test/rprec"], abs=1e-6)  # same passages
+    labels = [json.loads(line)["prediction"] for line in
+              (tmp_path / "eval_constrained" / "predictions.jsonl").read_text().splitlines()]
+    assert len(labels) == 8 and set(labels) <= {"SUPPORTS", "REFUTES"}
 
 
 def test_rag_eval_reads_a_qa_file_in_kilt_layout_without_a_flag(cli, tmp_path: Path, tiny_run) -> None:
