@@ -218,6 +218,17 @@ def test_world_fever_is_kilt_claims_half_true_on_the_qa_splits(built: dict[str, 
     assert re.fullmatch(r"The capital of .+ is .+\.", sample["input"])
 
 
+def test_world_fever_experiment_has_room_for_its_labels(built: dict[str, Any]) -> None:
+    """The world tokenizer spells a label in 7-8 pieces: targets and decoding must not cut it (caught by a
+    first run that scored 0 accuracy on labels cut to "REFUT")."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=world_fever", f"paths.cache_dir={built['root']}"])
+    tok = load_generator_tokenizer(built["root"] / "generator_tokenizer")
+    for label in cfg.task.labels:
+        pieces = len(tok(" " + label, add_special_tokens=False).input_ids)
+        assert pieces + 1 <= cfg.max_answer_length and pieces < cfg.model.decoding.max_new_tokens, label
+
+
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"\{\w+\}", template)
     return re.compile("(?i)" + ".+".join(re.escape(p) for p in parts) + "$")
