@@ -91,6 +91,42 @@ class DataConfig:
         return files
 
 
+# ------------------------------------------------------------------------------------------ task
+TASK_KINDS = ("qa", "verification", "generation", "dialogue")
+TASK_METRICS = ("em", "f1", "accuracy", "bleu", "rougeL")
+
+
+@dataclass
+class TaskConfig:
+    """`task`: how inputs and targets are built from a QA/KILT example and which metrics score the outputs
+    (data/tasks.py); the module only computes losses and generates."""
+
+    name: str = "qa"  # qa | verification | generation | dialogue
+    metrics: list[str] = field(default_factory=lambda: ["em", "f1"])
+    # the metric (one of `metrics`) that picks the best checkpoint and that sweeps optimise: val/<monitor>
+    monitor: str = "em"
+    # verification: the label set; constrained_decoding scores each label and picks the likeliest
+    labels: list[str] = field(default_factory=lambda: ["SUPPORTS", "REFUTES"])
+    constrained_decoding: bool = False
+    # dialogue: turns of the history are lines of the input; the oldest are dropped to fit the input length
+    turn_separator: str = "\n"
+    # KILT provenance metrics (R-precision, recall@k of pages, KILT scores) where examples carry provenance
+    kilt_metrics: bool = True
+
+    def check(self, prefix: str = "task") -> None:
+        _one_of(f"{prefix}.name", self.name, TASK_KINDS)
+        for metric in self.metrics:
+            _one_of(f"{prefix}.metrics", metric, TASK_METRICS)
+        if not self.metrics:
+            raise ConfigError(f"{prefix}.metrics is empty: name at least one of {', '.join(TASK_METRICS)}")
+        if self.monitor not in self.metrics:
+            raise ConfigError(f"{prefix}.monitor={self.monitor!r} is not one of {prefix}.metrics={self.metrics}")
+        if self.name == "verification" and len(set(self.labels)) < 2:
+            raise ConfigError(f"{prefix}.labels={self.labels} needs at least two distinct labels")
+        if self.constrained_decoding and self.name != "verification":
+            raise ConfigError(f"{prefix}.constrained_decoding=true needs {prefix}.name=verification (a label set)")
+
+
 # ------------------------------------------------------------------------------------------ models
 @dataclass
 class TinyEncoderConfig:
@@ -473,6 +509,7 @@ def check_corpus_size(model: ModelConfig, corpus_size: int) -> None:
 # ------------------------------------------------------------------------------------------ Hydra
 SCHEMAS = {  # group -> the dataclass its files extend (listed as `_schema` first in their defaults)
     "data": DataConfig,
+    "task": TaskConfig,
     "index": IndexConfig,
     "model": ModelConfig,
     "model/question_encoder": QuestionEncoderConfig,

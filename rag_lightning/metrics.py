@@ -89,3 +89,76 @@ def doc_entropy(doc_scores: torch.Tensor) -> torch.Tensor:
 def distinct_share(rows: torch.Tensor) -> float:
     """Share of distinct passages among all retrieved in a batch (1.0: no passage repeats)."""
     return rows.unique().numel() / max(rows.numel(), 1)
+
+
+# ----------------------------------------------------------------------------- task metrics (libraries)
+def accuracy(prediction: str, label: str) -> float:
+    """1.0 when the generated label is the gold label (verification: SUPPORTS / REFUTES), after stripping."""
+    return float(prediction.strip() == label.strip())
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu, 0-100) of the predictions against every reference of each example."""
+    import sacrebleu
+
+    width = max((len(r) for r in references), default=0)
+    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score) if width else 0.0
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure (torchmetrics' ROUGE, no stemming, as KILT scores it), the best over the references."""
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    if not references or not prediction.strip():
+        return 0.0
+    scores = rouge_score(prediction, [list(references)], rouge_keys="rougeL", accumulate="best")
+    return float(scores["rougeL_fmeasure"])
+
+
+# ----------------------------------------------------------------------------- KILT provenance metrics
+def page_of(passage_id: str) -> str:
+    """The page a passage belongs to: passage ids are `<page id>-<n>` (world: `country-fra-1`; KILT: `<wikipedia_id>-<n>`)."""
+    return passage_id.rsplit("-", 1)[0]
+
+
+def ranked_pages(passage_ids: Sequence[str]) -> list[str]:
+    """Pages of the retrieved passages, in rank order, each once (KILT ranks pages, not passages)."""
+    return list(dict.fromkeys(page_of(p) for p in passage_ids))
+
+
+def r_precision(pages: Sequence[str], provenance: Sequence[Sequence[str]]) -> float:
+    """KILT's R-precision: for each gold output's set of R pages, the share of the first R retrieved pages in
+    it; the best output counts (0 without provenance)."""
+    best = 0.0
+    for gold in provenance:
+        gold_set = set(gold)
+        if gold_set:
+            best = max(best, sum(p in gold_set for p in pages[: len(gold_set)]) / len(gold_set))
+    return best
+
+
+def page_recall_at_k(pages: Sequence[str], provenance: Sequence[Sequence[str]], k: int) -> float:
+    """KILT's recall@k: each distinct gold evidence set counts once, complete when its last page has been
+    retrieved, and holds that place in the rank; the share of evidence sets complete within the first k places."""
+    sets: list[set[str]] = []
+    for gold in provenance:
+        if set(gold) and set(gold) not in sets:
+            sets.append(set(gold))
+    if not sets:
+        return 0.0
+    remaining = [set(s) for s in sets]
+    rank: list[object] = []
+    for page in pages:
+        found = False
+        for i, evidence in enumerate(remaining):
+            if page in evidence:
+                found = True
+                partial = f"evidence set {i}"  # a string: an int would compare equal to False
+                if partial in rank:
+                    rank.remove(partial)
+                evidence.discard(page)
+                rank.append(True if not evidence else partial)
+        if not found:
+            rank.append(False)
+    return sum(1 for r in rank[:k] if r is True) / len(sets)

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from rag_lightning.config import (
     ModelConfig,
     PathsConfig,
     QuestionEncoderConfig,
+    TaskConfig,
     check_corpus_size,
     check_trainer,
     section,
@@ -61,6 +62,8 @@ class Sections:
     paths: PathsConfig
     max_question_length: int
     max_answer_length: int
+    # last, with a default: sections built by hand before tasks existed keep working
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def sections(cfg: DictConfig) -> Sections:
@@ -77,6 +80,7 @@ def sections(cfg: DictConfig) -> Sections:
         paths=section(PathsConfig, cfg.paths, "paths"),
         max_question_length=int(cfg.max_question_length),
         max_answer_length=int(cfg.max_answer_length),
+        task=section(TaskConfig, cfg.get("task") or {}, "task"),  # runs saved before tasks: qa
     )
 
 
@@ -111,6 +115,7 @@ def retrieval_spec(s: Sections, command: str):
 
 
 def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
+    from rag_lightning.data.tasks import build_task
     from rag_lightning.models.encoders import build_question_encoder
     from rag_lightning.models.generator import build_generator
     from rag_lightning.models.module import RagModule
@@ -122,11 +127,13 @@ def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
         generator_tokenizer=generator_tokenizer,
         retriever=retriever,
         predictions_dir=s.paths.output_dir,
+        task=build_task(s.task),
     )
 
 
 def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
     from rag_lightning.data.datamodule import RagDataModule
+    from rag_lightning.data.tasks import build_task
     from rag_lightning.models.encoders import load_encoder_tokenizer
 
     return RagDataModule(
@@ -139,6 +146,7 @@ def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
         max_question_length=s.max_question_length,
         max_answer_length=s.max_answer_length,
         skip_bad_rows=s.data.skip_bad_rows,
+        task=build_task(s.task),
     )
 
 
@@ -481,7 +489,9 @@ def print_results(results: dict[str, float], output_dir: Path, splits: list[str]
     from rich.table import Table
 
     names = sorted({k.split("/", 1)[1] for k in results if k.split("/", 1)[0] in {"val", *splits}})
-    columns = [n for n in ("em", "f1") if n in names] + sorted(n for n in names if n.startswith("recall@"))
+    columns = [n for n in ("em", "f1", "accuracy", "bleu", "rougeL", "rprec") if n in names]
+    columns += [n for n in names if n.startswith("kilt_")]
+    columns += sorted(n for n in names if n.startswith("recall@"))
     columns += [n for n in ("mrr", "loss") if n in names]
     table = Table(title="results")
     table.add_column("split")
@@ -553,7 +563,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on any QA file: metrics.json and predictions.jsonl in this run's directory."""
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"data": cfg.data, "model": cfg.model}))
+        given = {"data": cfg.data, "model": cfg.model, "task": cfg.get("task") or {}}
+        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create(given))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
         split = cfg.split_name
         loader = datamodule.test_loader(split, cfg.data.get("test_file"))

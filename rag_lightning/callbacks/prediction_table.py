@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-COLUMNS = ["step", "question", "prediction", "answers", "em", "top passages (p(z|x))"]
+COLUMNS = ["step", "question", "prediction", "answers", "em", "top passages (p(z|x))"]  # "em": the task's metric
 
 
 def _passages_cell(record: dict, top: int = 3) -> str:
@@ -31,13 +31,15 @@ class PredictionTable(L.Callback):
         if not samples or trainer.sanity_checking:
             return
         step = trainer.global_step
+        metric = getattr(getattr(pl_module, "task", None), "primary", "em")  # the task's metric (QA: em)
+        columns = [metric if c == "em" else c for c in COLUMNS]
         rows = [
-            [step, s["question"], s["prediction"], " | ".join(s["answers"]), s["em"], _passages_cell(s)]
+            [step, s["question"], s["prediction"], " | ".join(s["answers"]), s.get(metric), _passages_cell(s)]
             for s in samples
         ]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table(key="val/samples", columns=COLUMNS, data=rows, step=step)
+                logger.log_table(key="val/samples", columns=columns, data=rows, step=step)
         if trainer.default_root_dir:
             path = Path(trainer.default_root_dir) / "val_samples.jsonl"
             with path.open("a", encoding="utf-8") as f:

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rag_lightning.config import ConfigError
 from rag_lightning.data.readers import QAExample, read_qa
+from rag_lightning.data.tasks import Task
 from rag_lightning.padding import pad_right
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ class EncodedQA:
     """One QA example with its token ids for both tokenizers (computed once, at setup)."""
 
     example: QAExample
+    input_text: str  # what the task makes of the example (the question; a claim; a dialogue history)
     question_encoder_ids: list[int]  # retriever tokenizer, with [CLS] ... [SEP]
     question_generator_ids: list[int]  # generator tokenizer, no special tokens
-    target_ids: list[int]  # generator tokenizer: first answer + </s>
+    target_ids: list[int]  # generator tokenizer: the task's target (the first answer) + </s>
 
 
 class QADataset(Dataset):
@@ -47,13 +49,22 @@ def encode_examples(
     *,
     max_question_length: int,
     max_answer_length: int,
+    task: Task | None = None,
 ) -> list[EncodedQA]:
-    """Tokenise questions for both models and the first answer as the target, in one batched call each."""
+    """Tokenise the task's inputs for both models and its target, in one batched call each."""
+    task = task or Task()
+
+    def fits(text: str) -> bool:
+        return len(question_tokenizer(text)["input_ids"]) <= max_question_length and len(
+            generator_tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        ) <= max_question_length
+
+    inputs = [task.input_text(ex, fits) for ex in examples]
     # every generator-side piece starts with one space (see data/pieces.py), so the question
     # ids placed in a context and the answer ids copied from a passage tokenise as they do inside text
-    questions = [" " + ex.question.strip() for ex in examples]
-    q_enc = question_tokenizer([ex.question for ex in examples], truncation=True, max_length=max_question_length)["input_ids"]
-    q_gen = generator_tokenizer(  # one token more than kept, to tell the questions that were cut
+    questions = [" " + text for text in inputs]
+    q_enc = question_tokenizer(inputs, truncation=True, max_length=max_question_length)["input_ids"]
+    q_gen = generator_tokenizer(  # one token more than kept, to tell the inputs that were cut
         questions, add_special_tokens=False, truncation=True, max_length=max_question_length + 1
     )["input_ids"]
     cut = [ex.id for ex, ids in zip(examples, q_gen, strict=True) if len(ids) > max_question_length]
@@ -66,14 +77,14 @@ def encode_examples(
             cut[0],
         )
         q_gen = [ids[:max_question_length] for ids in q_gen]
-    answers = [" " + ex.answers[0].strip() if ex.answers else "" for ex in examples]
+    answers = [" " + task.target_text(ex) if ex.answers else "" for ex in examples]
     a_gen = generator_tokenizer(
         answers, add_special_tokens=False, truncation=True, max_length=max_answer_length - 1
     )["input_ids"]
     eos = generator_tokenizer.eos_token_id
     return [
-        EncodedQA(ex, list(qe), list(qg), list(a) + [eos])
-        for ex, qe, qg, a in zip(examples, q_enc, q_gen, a_gen, strict=True)
+        EncodedQA(ex, text, list(qe), list(qg), list(a) + [eos])
+        for ex, text, qe, qg, a in zip(examples, inputs, q_enc, q_gen, a_gen, strict=True)
     ]
 
 
@@ -102,9 +113,10 @@ class Collator:
             "labels": labels,
             "decoder_input_ids": decoder_input_ids,
             "ids": [it.example.id for it in items],
-            "questions": [it.example.question for it in items],
+            "questions": [it.input_text for it in items],
             "answers": [list(it.example.answers) for it in items],
             "gold_passage_ids": [list(it.example.gold_passage_ids) for it in items],
+            "provenance": [[list(pages) for pages in it.example.provenance] for it in items],
             "split": self.split,
         }
 
@@ -129,8 +141,10 @@ class RagDataModule(L.LightningDataModule):
         max_question_length: int = 64,
         max_answer_length: int = 32,
         skip_bad_rows: bool = False,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
+        self.task = task or Task()
         self.files = dict(files)  # split name -> QA file: train, val, test, test_seen, ...
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
@@ -161,6 +175,7 @@ class RagDataModule(L.LightningDataModule):
                 self.generator_tokenizer,
                 max_question_length=self.max_question_length,
                 max_answer_length=self.max_answer_length,
+                task=self.task,
             )
         )
 

@@ -15,6 +15,9 @@ Formats (chosen by extension):
   ``question``, ``answers``, ``positive_ctxs`` (their ``passage_id`` become the gold passage ids),
   ``negative_ctxs`` and ``hard_negative_ctxs`` (ids kept as the example's hard negatives); errors name the
   line where the object starts.
+- KILT task files (``.jsonl`` rows with ``input`` and ``output``) and the KILT knowledge source (``.json`` or
+  ``.jsonl`` rows with ``wikipedia_id`` and ``text`` as a list of paragraphs), recognised by their first row:
+  ``kilt.py``.
 - QA ``.csv`` / ``.tsv``: the DPR QA files: question, then the answers as a Python list literal
   (``['a', 'b']``), parsed with ``ast.literal_eval`` (never ``eval``). DPR's ``.csv`` files are
   tab-separated; a ``.csv`` whose first line has no tab is read as comma-separated.
@@ -77,6 +80,8 @@ class QAExample:
     answers: tuple[str, ...]
     gold_passage_ids: tuple[str, ...] = ()
     hard_negative_ids: tuple[str, ...] = ()  # DPR's hard_negative_ctxs (retriever training)
+    # KILT files: the provenance pages (wikipedia ids) of each gold output, for R-precision and the KILT scores
+    provenance: tuple[tuple[str, ...], ...] = ()
 
 
 class DataError(UserError, ValueError):
@@ -460,7 +465,13 @@ def iter_corpus(
 
     Missing files and unknown formats fail at the call; bad rows, and an empty file, fail while iterating.
     """
-    p, suffix = _open_checked(path, {".jsonl": "id, title, text", ".tsv": "DPR: id, text, title"}, "corpus")
+    kinds = {".jsonl": "id, title, text", ".tsv": "DPR: id, text, title", ".json": "KILT knowledge source"}
+    p, suffix = _open_checked(path, kinds, "corpus")
+    from rag_lightning.data import kilt  # the KILT layout is recognised by its first row, no flag needed
+
+    if suffix == ".json" or (suffix == ".jsonl" and kilt.is_kilt_pages(kilt.first_object(p))):
+        collector = _Collector(p, kilt.KILT_PAGES_FIX, skip_bad_rows, report)
+        return collector.track(kilt.iter_kilt_pages(p, collector))
     if suffix == ".jsonl":
         collector = _Collector(p, CORPUS_JSONL_FIX, skip_bad_rows, report)
         return collector.track(_passages_jsonl(p, collector))
@@ -475,6 +486,11 @@ def iter_qa(
     kinds = {".jsonl": "question, answers, id, gold_passage_ids", ".csv": "DPR QA", ".tsv": "DPR QA",
              ".json": "DPR biencoder training file"}
     p, suffix = _open_checked(path, kinds, "QA")
+    from rag_lightning.data import kilt  # the KILT layout is recognised by its first row, no flag needed
+
+    if suffix == ".jsonl" and kilt.is_kilt_task(kilt.first_object(p)):
+        collector = _Collector(p, kilt.KILT_TASK_FIX, skip_bad_rows, report)
+        return collector.track(kilt.iter_kilt_task(p, collector))
     if suffix == ".jsonl":
         collector = _Collector(p, QA_JSONL_FIX, skip_bad_rows, report)
         return collector.track(_qa_jsonl(p, collector))

@@ -9,6 +9,9 @@ Split rules, so that val/test measure generalisation to unseen entities:
   never the subject of a train question;
 - a train question that mentions the name of any val/test subject (e.g. "Which country has Paris as
   its capital?" while the city Paris is a test subject) is dropped from train;
+- a fact can be asked from either end: a train question about the same pair of entities as a val/test
+  question (train "In which country is the city of Tokyo?" while val asks "What is the largest city of
+  Japan?") is dropped from train, so a held-out fact is never learnt through its inverse;
 - a question text produced by two different facts (two cities called Kingston) is dropped everywhere;
 - ``test_seen`` asks about train entities with the one phrasing per relation that train never uses.
 """
@@ -32,6 +35,8 @@ from rag_lightning.config import WorldOptions
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
 from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST
 from rag_lightning.data.readers import Passage
+from rag_lightning.data.world_fever import FILES as FEVER_FILES
+from rag_lightning.data.world_fever import build_claims
 from rag_lightning.data.world_sources import (
     City,
     fold,
@@ -53,7 +58,7 @@ from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when templates or split rules change, so cached builds are rebuilt
+FORMAT_VERSION = 2  # bump when templates or split rules change, so cached builds are rebuilt
 SPLITS = ("train", "val", "test", "test_seen")
 CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
 TOKENIZER_DIR = WORLD_FILE_KEYS["generator_tokenizer"]
@@ -69,6 +74,8 @@ class Question:
     gold_passage_ids: tuple[str, ...]
     relation: str
     subject: str  # entity id
+    # the other entities the fact links the subject to (answers or slots naming an entity): the fact's pairs
+    objects: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,7 +85,12 @@ class Question:
             "gold_passage_ids": list(self.gold_passage_ids),
             "relation": self.relation,
             "subject": self.subject,
+            "objects": list(self.objects),
         }
+
+    def pairs(self) -> set[frozenset[str]]:
+        """The pairs of entities this question is about, in either direction."""
+        return {frozenset((self.subject, o)) for o in self.objects}
 
 
 @dataclass
@@ -89,6 +101,7 @@ class World:
     splits: dict[str, list[Question]]
     entities: dict[str, int]  # kind -> count
     dropped: dict[str, int] = field(default_factory=dict)
+    fever: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # world_fever's KILT rows per split
 
 
 def build_key(options: WorldOptions) -> str:
@@ -201,6 +214,22 @@ def _check_answers(q: Question, texts: dict[str, str]) -> None:
             raise AssertionError(f"{q.id}: answer {answer!r} not found in gold passages {q.gold_passage_ids}")
 
 
+def entity_names(entities: list[Entity]) -> dict[str, str]:
+    """Folded name -> entity id, by title: a city whose name others share has a disambiguated title
+    ("Armenia, Colombia"), so a bare name means the one entity titled so (the country Armenia)."""
+    counts = Counter(fold(e.title) for e in entities)
+    return {fold(e.title): e.id for e in entities if counts[fold(e.title)] == 1}
+
+
+def fact_objects(fact: Fact, entity: Entity, names: dict[str, str]) -> tuple[str, ...]:
+    """The entities a fact links its subject to: answers and slots that name one, and entities whose
+    passages state the fact too (``also_in``)."""
+    values = [*fact.answers, *(v for k, v in fact.slots.items() if k != "name")]
+    found = [names[fold(v)] for v in values if fold(v) in names]
+    found += [other for other, _ in fact.also_in]
+    return tuple(sorted({o for o in found if o != entity.id}))
+
+
 def _candidates(
     entities: list[Entity],
     split_of: dict[str, str],
@@ -212,6 +241,7 @@ def _candidates(
     """One question per fact (``train_phrasings`` for train): train uses training phrasings, test_seen the
     held-out one, val/test any."""
     rng = random.Random(f"{seed}-phrasing")
+    names = entity_names(entities)
     out: dict[str, list[_Candidate]] = defaultdict(list)
     for entity in entities:
         split = split_of[entity.id]
@@ -221,6 +251,7 @@ def _candidates(
             per_relation[fact.relation] += 1
             phrasings = QUESTIONS[fact.relation]
             gold = _gold(fact, entity, located)
+            objects = fact_objects(fact, entity, names)
             if split == "train":
                 # one draw per fact whatever train_phrasings is, so val and test stay the same questions
                 first = rng.randrange(len(phrasings) - 1)
@@ -237,6 +268,7 @@ def _candidates(
                     gold_passage_ids=gold,
                     relation=fact.relation,
                     subject=entity.id,
+                    objects=objects,
                 )
                 _check_answers(q, texts)
                 out[target].append(_Candidate(q, entity.name))
@@ -312,6 +344,9 @@ def make_splits(
     longest = max((len(n) for n in held_out), default=0)
     train = [c for c in candidates["train"] if not mentions(c.question.question, held_out, longest)]
     leaked = len(candidates["train"]) - len(train)
+    held_pairs = {pair for s in ("val", "test") for c in chosen[s] for pair in c.question.pairs()}
+    inverse = [c for c in train if c.question.pairs() & held_pairs]
+    train = [c for c in train if not c.question.pairs() & held_pairs]
     chosen["train"] = _stratified(train, options.max_train_questions, rng)
 
     kept = {(c.question.subject, c.question.id.rsplit(".", 1)[0]) for c in chosen["train"]}
@@ -319,7 +354,11 @@ def make_splits(
         c for c in candidates["test_seen"] if (c.question.subject, c.question.id.rsplit(".", 1)[0]) in kept
     ]
     chosen["test_seen"] = _stratified(seen, options.max_eval_questions, rng)
-    dropped = {"ambiguous_questions": ambiguous, "train_questions_mentioning_held_out": leaked}
+    dropped = {
+        "ambiguous_questions": ambiguous,
+        "train_questions_mentioning_held_out": leaked,
+        "train_questions_on_held_out_pairs": len(inverse),
+    }
     return {s: [c.question for c in chosen[s]] for s in SPLITS}, dropped
 
 
@@ -328,7 +367,9 @@ def build(options: WorldOptions) -> World:
     passages = [pk for e in entities for pk in chunk_entity(e, options.max_words)]
     splits, dropped = make_splits(entities, passages, options)
     kinds = Counter(e.kind for e in entities)
-    return World([p for p, _ in passages], splits, {k: kinds[k] for k in KINDS}, dropped)
+    corpus = [p for p, _ in passages]
+    fever = build_claims(entities, corpus, splits, options.seed)
+    return World(corpus, splits, {k: kinds[k] for k in KINDS}, dropped, fever)
 
 
 # ----------------------------------------------------------------------------- files and manifest
@@ -354,6 +395,9 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
     _write_jsonl(out_dir / CORPUS_FILE, (asdict(p) for p in world.passages))
     for split in SPLITS:
         _write_jsonl(out_dir / f"{split}.jsonl", (q.to_json() for q in world.splits[split]))
+    (out_dir / "fever").mkdir(exist_ok=True)
+    for split, rows in world.fever.items():
+        _write_jsonl(out_dir / FEVER_FILES[split], rows)
     tok_dir = out_dir / TOKENIZER_DIR
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -379,6 +423,10 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
                 s: dict(sorted(Counter(q.relation for q in world.splits[s]).items())) for s in SPLITS
             },
             "dropped": world.dropped,
+            "fever_claims": {
+                s: dict(sorted(Counter(r["output"][0]["answer"] for r in rows).items()))
+                for s, rows in world.fever.items()
+            },
         },
         "files": {
             p.relative_to(out_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -19,6 +19,7 @@ from torch import nn
 
 from rag_lightning import metrics
 from rag_lightning.config import ConfigError, Mode, ModelConfig
+from rag_lightning.data.tasks import Task
 from rag_lightning.errors import UserError
 from rag_lightning.files import write_text_atomic
 from rag_lightning.models.augment import swap_answers
@@ -76,11 +77,14 @@ class RagModule(L.LightningModule):
         retriever: Any = None,
         predictions_dir: str | None = None,
         sample_table_size: int = 8,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
         self.question_encoder = question_encoder
         self.generator = generator
         self.cfg = config
+        self.task = task or Task()  # scores the outputs; the module only computes losses and generates
+        self._outputs: dict[str, tuple[list[str], list[list[str]]]] = {}  # per split, for corpus-level metrics
         self.tokenizer = generator_tokenizer
         self.retriever = retriever
         self.predictions_dir = predictions_dir
@@ -199,15 +203,8 @@ class RagModule(L.LightningModule):
 
     def nll(self, batch: dict, n_docs: int, reduction: str) -> tuple[torch.Tensor, dict | None]:
         labels, dec_in = batch["labels"], batch["decoder_input_ids"]
-        common = {"pad_token_id": self.pad_id, "label_smoothing": self.cfg.label_smoothing}
         if self.mode == Mode.closed_book:
-            ids, mask = with_specials(
-                batch["question_generator_ids"], batch["question_generator_mask"], self.bos_id, self.eos_id, self.pad_id
-            )
-            logits = self.generator(
-                input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, use_cache=False
-            ).logits
-            return closed_book_nll(logits, labels, reduction=reduction, **common), None
+            return self.target_nll(batch, None, labels, dec_in, reduction), None
         ret = self.retrieve(batch, n_docs)
         if self.training and self.cfg.answer_swap_prob > 0:
             ids, mask, labels, dec_in = swap_answers(
@@ -222,6 +219,29 @@ class RagModule(L.LightningModule):
             device = ret["context_input_ids"].device
             ret["context_input_ids"], ret["context_attention_mask"] = ids.to(device), mask.to(device)
             labels, dec_in = labels.to(device), dec_in.to(device)
+        return self.target_nll(batch, ret, labels, dec_in, reduction), ret
+
+    def target_nll(
+        self,
+        batch: dict,
+        ret: dict | None,
+        labels: torch.Tensor,
+        dec_in: torch.Tensor,
+        reduction: str,
+        label_smoothing: float | None = None,
+    ) -> torch.Tensor:
+        """The mode's NLL of ``labels`` given the batch's inputs and (unless closed book) the retrieved ``ret``."""
+        smoothing = self.cfg.label_smoothing if label_smoothing is None else label_smoothing
+        common = {"pad_token_id": self.pad_id, "label_smoothing": smoothing}
+        if ret is None:
+            ids, mask = with_specials(
+                batch["question_generator_ids"], batch["question_generator_mask"], self.bos_id, self.eos_id, self.pad_id
+            )
+            logits = self.generator(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, use_cache=False
+            ).logits
+            return closed_book_nll(logits, labels, reduction=reduction, **common)
+        n_docs = ret["doc_scores"].shape[1]
         logits = self.generator(
             input_ids=ret["context_input_ids"],
             attention_mask=ret["context_attention_mask"],
@@ -229,18 +249,28 @@ class RagModule(L.LightningModule):
             use_cache=False,  # a training forward needs no KV cache
         ).logits
         if self.mode == Mode.rag_token:
-            loss = rag_token_nll(logits, ret["doc_scores"], labels, reduction=reduction, **common)
-        else:
-            loss = rag_sequence_nll(
-                logits,
-                ret["doc_scores"],
-                labels,
-                exclude_bos_score=self.cfg.exclude_bos_score,
-                bos_token_id=self.bos_id,
-                reduction=reduction,
-                **common,
-            )
-        return loss, ret
+            return rag_token_nll(logits, ret["doc_scores"], labels, reduction=reduction, **common)
+        return rag_sequence_nll(
+            logits,
+            ret["doc_scores"],
+            labels,
+            exclude_bos_score=self.cfg.exclude_bos_score,
+            bos_token_id=self.bos_id,
+            reduction=reduction,
+            **common,
+        )
+
+    def candidate_nll(self, batch: dict, ret: dict | None, candidates: list[list[int]]) -> torch.Tensor:
+        """(B, C): the NLL of each candidate output (token ids ending in </s>) for every example, with the
+        passages already retrieved: decoding restricted to a set (a verification task's labels)."""
+        batch_size = batch["question_generator_ids"].shape[0]
+        device = batch["question_generator_ids"].device
+        out = []
+        for ids in candidates:
+            labels = torch.tensor(ids, device=device).expand(batch_size, -1)
+            dec_in = torch.cat([torch.full_like(labels[:, :1], self.eos_id), labels[:, :-1]], dim=1)
+            out.append(self.target_nll(batch, ret, labels, dec_in, "none", label_smoothing=0.0))
+        return torch.stack(out, dim=1)
 
     def retrieval_loss(self, batch: dict, ret: dict) -> torch.Tensor | None:
         """The multi-task term: the retriever's contrastive loss of the questions that name a gold passage.
@@ -335,10 +365,19 @@ class RagModule(L.LightningModule):
         nll, ret = self.nll(batch, n_docs, "mean")
         self.log(f"{prefix}/loss", nll, batch_size=batch_size, sync_dist=True)
         preds = self.answer(batch, ret)
-        em = torch.tensor([metrics.exact_match(p, a) for p, a in zip(preds, batch["answers"])])
-        f1 = torch.tensor([metrics.f1_score(p, a) for p, a in zip(preds, batch["answers"])])
-        self.log(f"{prefix}/em", em.mean(), batch_size=batch_size, sync_dist=True, prog_bar=True)
-        self.log(f"{prefix}/f1", f1.mean(), batch_size=batch_size, sync_dist=True)
+        scores = self.task.scores(preds, batch["answers"])
+        for name, values in scores.items():
+            self.log(
+                f"{prefix}/{name}",
+                torch.tensor(values).mean(),
+                batch_size=batch_size,
+                sync_dist=True,
+                prog_bar=name == self.task.primary,
+            )
+        if self.task.needs_corpus_scores:
+            kept = self._outputs.setdefault(prefix, ([], []))
+            kept[0].extend(preds)
+            kept[1].extend(batch["answers"])
         records = self.records(batch, preds, ret)
         if ret is not None:
             texts = [[p["text"] for p in r["passages"]] for r in records]
@@ -348,12 +387,30 @@ class RagModule(L.LightningModule):
             self.log(f"{prefix}/mrr", metrics.reciprocal_rank(hits).mean(), batch_size=batch_size, sync_dist=True)
             self.log(f"{prefix}/doc_entropy", metrics.doc_entropy(ret["doc_scores"]).mean(), batch_size=batch_size, sync_dist=True)
             self.log(f"{prefix}/distinct_passages", metrics.distinct_share(ret["rows"]), batch_size=batch_size, sync_dist=True)
-        for record, answers, e, f in zip(records, batch["answers"], em.tolist(), f1.tolist()):
-            record.update(answers=answers, em=e, f1=f)
+            provenance = batch.get("provenance") or [[] for _ in preds]
+            kilt = self.task.provenance_scores(ret["passage_ids"], provenance, scores, sorted({1, n_docs}))
+            for name, values in kilt.items():
+                known = [v for v in values if v is not None]
+                self.log(f"{prefix}/{name}", torch.tensor(known).mean(), batch_size=len(known), sync_dist=True)
+            scores = {**scores, **kilt}
+        for i, (record, answers) in enumerate(zip(records, batch["answers"])):
+            record.update(answers=answers, **{n: v[i] for n, v in scores.items() if v[i] is not None})
         return records
 
+    def _log_corpus_scores(self, prefix: str) -> None:
+        """Split-level metrics (BLEU) from the outputs the split's batches kept."""
+        preds, answers = self._outputs.pop(prefix, ([], []))
+        if preds:
+            for name, value in self.task.corpus_scores(preds, answers).items():
+                self.log(f"{prefix}/{name}", value, batch_size=len(preds))
+
     def answer(self, batch: dict, ret: dict | None) -> list[str]:
-        """Decoded answers of a batch, with the mode's decoder."""
+        """Decoded answers of a batch, with the mode's decoder; or the likeliest of the task's candidates."""
+        candidates = self.task.candidates()
+        if candidates:
+            ids = [self.tokenizer(" " + c, add_special_tokens=False)["input_ids"] + [self.eos_id] for c in candidates]
+            best = self.candidate_nll(batch, ret, ids).argmin(dim=1).tolist()
+            return [candidates[i] for i in best]
         generated = self.generate(batch, ret)
         return [p.strip() for p in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
@@ -388,10 +445,16 @@ class RagModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_samples = []
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_corpus_scores("val")
+
     def on_test_epoch_start(self) -> None:
         self._predictions = {}
+        self._outputs = {}
 
     def on_test_epoch_end(self) -> None:
+        for split in list(self._outputs):
+            self._log_corpus_scores(split)
         if self.predictions_dir is None:
             return
         for split, records in sorted(self._predictions.items()):
