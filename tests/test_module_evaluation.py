@@ -94,7 +94,8 @@ def test_the_entropy_and_distinct_share_are_of_the_retrieved_passages(tiny_modul
 
 
 def test_closed_book_evaluation_logs_no_retrieval_metrics(tiny_module):
-    module, batch = tiny_module("experiment=world_closed_book", "model.question_encoder.kind=tiny")
+    module, batch = tiny_module("experiment=world_closed_book", "model.question_encoder.kind=tiny", "loader.global_batch_size=4")
+    assert len(batch["ids"]) == 4
     module.answer = lambda b, ret: _chosen_answers(b)
     records = module._evaluate(batch, "val")
     assert set(module.logged) == {"val/loss", "val/em", "val/f1"}
