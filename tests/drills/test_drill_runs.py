@@ -156,8 +156,8 @@ RANK_LOST_TIMEOUT_S = 60  # the stated bound: a DDP job whose other rank died st
 
 def test_a_ddp_job_whose_rank_is_killed_stops_with_a_message_and_resumes(drill_world, script, start, tmp_path):
     """Two gloo processes (`trainer=ddp_cpu`); rank 1 killed with SIGKILL after the first checkpoint: the job
-    stops within RANK_LOST_TIMEOUT_S (Lightning's watch looks every 5 s) with exit status 2 and a message naming
-    the resume command (it used to be SIGKILLed silently, or die with gloo's traceback), and the run resumes from
+    stops within RANK_LOST_TIMEOUT_S (Lightning's watch looks every 5 s, unless rank 0 sees its peer gone in a
+    collective first: the same message either way) with exit status 2 and a message naming the resume command (it used to be SIGKILLed silently, or die with gloo's traceback), and the run resumes from
     its last checkpoint."""
     import os
     import subprocess
@@ -182,7 +182,6 @@ def test_a_ddp_job_whose_rank_is_killed_stops_with_a_message_and_resumes(drill_w
     text = output.read_text()
     assert code == 2 and "Traceback" not in text, text[-3000:]
     assert "a DDP process of this job stopped" in error_line(text) and f"run_dir={run} ckpt_path=last" in text
-    assert "rank 1" in error_line(text) or "Connection closed by peer" in error_line(text)
     saved = torch.load(run / LAST, map_location="cpu", weights_only=True)["global_step"]
     resumed = script(drill_world.root, "rag-train", f"run_dir={run}", "ckpt_path=last",
                      f"trainer.max_epochs={saved // 2 + 1}", timeout=240)
