@@ -320,3 +320,4 @@ def test_an_interrupted_export_keeps_the_previous_encoders(tmp_path: Path) -> No
         export_atomically(Breaks(), None, out, {})
     assert (out / "question_encoder" / "model.safetensors").read_bytes() == b"new"
     assert json.loads((out / "dpr_export.json").read_text()) == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["encoders"]  # no temporary directory left either
