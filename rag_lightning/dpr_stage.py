@@ -163,8 +163,12 @@ def export_atomically(module: Any, tokenizer: Any, export_dir: Path, manifest: d
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.export_encoders(tmp, tokenizer)
-    (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    try:
+        module.export_encoders(tmp, tokenizer)
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
     if export_dir.exists():
         os.replace(export_dir, old)

@@ -86,7 +86,7 @@ def test_a_failed_save_leaves_nothing_where_the_index_is_expected(index, tmp_pat
     monkeypatch.setattr(index.model, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         index.save(tmp_path / "bm25")
-    assert not (tmp_path / "bm25").exists()
+    assert not (tmp_path / "bm25").exists() and not list(tmp_path.iterdir())  # no temporary directory either
 
 
 def test_mined_negatives_never_hold_an_answer_or_a_gold_passage(index, store) -> None:

@@ -294,3 +294,30 @@ def test_two_ranks_gathered_loss_and_gradients_equal_one_process_on_the_concaten
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, single.detach())
     torch.testing.assert_close(torch.cat([ranks[0]["q_grad"], ranks[1]["q_grad"]]) / 2, q.grad)
     torch.testing.assert_close(torch.cat([ranks[0]["p_grad"], ranks[1]["p_grad"]]) / 2, p.grad)
+
+
+def test_an_interrupted_export_keeps_the_previous_encoders(tmp_path: Path) -> None:
+    from rag_lightning.dpr_stage import export_atomically
+
+    class Breaks:
+        def export_encoders(self, directory: Path, tokenizer: object) -> None:
+            (Path(directory) / "question_encoder").mkdir(parents=True)
+            (Path(directory) / "question_encoder" / "model.safetensors").write_bytes(b"half")
+            raise OSError("disk full")
+
+    class Works:
+        def export_encoders(self, directory: Path, tokenizer: object) -> None:
+            for name in ("question_encoder", "context_encoder"):
+                (Path(directory) / name).mkdir(parents=True)
+                (Path(directory) / name / "model.safetensors").write_bytes(b"new")
+
+    out = tmp_path / "encoders"
+    with pytest.raises(OSError, match="disk full"):
+        export_atomically(Breaks(), None, out, {})
+    assert not out.exists()
+    export_atomically(Works(), None, out, {"steps": 1})
+    with pytest.raises(OSError, match="disk full"):
+        export_atomically(Breaks(), None, out, {})
+    assert (out / "question_encoder" / "model.safetensors").read_bytes() == b"new"
+    assert json.loads((out / "dpr_export.json").read_text()) == {"steps": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["encoders"]  # no temporary directory left either
