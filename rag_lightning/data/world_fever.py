@@ -58,9 +58,12 @@ CLAIMS: dict[str, str] = {
 _COUNTRY_OBJECTS = {"capital_of", "borders", "division_of", "city_country", "discovery_location"}
 
 
-def _contains(text: str, value: str) -> bool:
-    """Whether ``value`` occurs in ``text`` as whole words (case- and accent-insensitive)."""
-    return re.search(rf"(?<!\w){re.escape(fold(value))}(?!\w)", fold(text)) is not None
+def _contains(folded_text: str, folded_value: str) -> bool:
+    """Whether ``folded_value`` occurs in ``folded_text`` as whole words (both already passed through `fold`,
+    so the test is case- and accent-insensitive); the substring test first keeps it fast."""
+    return folded_value in folded_text and (
+        re.search(rf"(?<!\w){re.escape(folded_value)}(?!\w)", folded_text) is not None
+    )
 
 
 def _claim(fact: Fact, answer: str) -> str:
@@ -91,6 +94,7 @@ def build_claims(
     for fact in facts.values():
         if fact.answers[0] not in pool[fact.relation]:
             pool[fact.relation].append(fact.answers[0])
+    folded_pool = {relation: [(v, fold(v)) for v in values] for relation, values in pool.items()}
     texts = {p.id: p.text for p in passages}
     titles = {p.id: p.title for p in passages}
     out: dict[str, list[dict[str, Any]]] = {}
@@ -111,10 +115,11 @@ def build_claims(
             label = "SUPPORTS"
             answer = fact.answers[0]
             if i in refuted:
-                gold_text = " ".join(texts[p] for p in q.gold_passage_ids)
+                gold_text = fold(" ".join(texts[p] for p in q.gold_passage_ids))
+                answers = {fold(a) for a in fact.answers}
                 wrong = [
-                    v for v in pool[fact.relation]
-                    if not any(fold(v) == fold(a) for a in fact.answers) and not _contains(gold_text, v)
+                    v for v, folded in folded_pool[fact.relation]
+                    if folded not in answers and not _contains(gold_text, folded)
                 ]  # fmt: skip
                 if not wrong:
                     continue  # a relation with one value: no false claim to make, drop the fact
