@@ -239,24 +239,17 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
     if spec.index.type == "bm25":
         from rag_lightning.retrieval.bm25 import BM25Index
 
-        bm25 = BM25Index.load(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
-        return Retriever(
-            bm25,
-            store,
-            max_context_length=spec.context.max_length,
-            layout=spec.context.layout,
-            title_separator=store.title_separator,
-            bos_id=gen_tokenizer.bos_token_id,
-            eos_id=gen_tokenizer.eos_token_id,
-            pad_id=gen_tokenizer.pad_token_id,
+        index = BM25Index.load(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
+        searcher = None
+    else:
+        index = LazyPassageIndex.open(
+            index_dir,
+            expect=expect,
+            cfg=spec.index,
+            rebuild_command=spec.rebuild_command,
+            verify_checksum=spec.index.verify_checksum,
         )
-    index = LazyPassageIndex.open(
-        index_dir,
-        expect=expect,
-        cfg=spec.index,
-        rebuild_command=spec.rebuild_command,
-        verify_checksum=spec.index.verify_checksum,
-    )
+        searcher = DistributedSearch(index, spec.index.distributed, spec.index)
     return Retriever(
         index,
         store,
@@ -266,7 +259,7 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
         bos_id=gen_tokenizer.bos_token_id,
         eos_id=gen_tokenizer.eos_token_id,
         pad_id=gen_tokenizer.pad_token_id,
-        searcher=DistributedSearch(index, spec.index.distributed, spec.index),
+        searcher=searcher,
     )
 
 
