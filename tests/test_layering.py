@@ -31,7 +31,7 @@ def layer_of(module: str) -> int:
     for i, (_, names) in enumerate(LAYERS):
         if head in names:
             return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and the README's code layout)")
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/layout.md)")
 
 
 def module_name(path: Path) -> str:
