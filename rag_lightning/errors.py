@@ -21,6 +21,12 @@ class UserError(Exception):
     """Something the user can fix: the message names the file, line or key, and what to do."""
 
 
+class AbortingError(UserError):
+    """A user error after which this process cannot shut down cleanly (a DDP process group whose peer died:
+    tearing it down at interpreter exit can crash, turning exit status 2 into a segfault): the message is
+    printed and the process ends at once, after flushing its output."""
+
+
 def user_message(err: BaseException) -> str:
     """The one message a user sees for a user error."""
     key = getattr(err, "full_key", None)
@@ -44,6 +50,10 @@ def friendly_errors(task: Callable[..., Any]) -> Callable[..., Any]:
         except (UserError, FileNotFoundError, MissingMandatoryValue) as err:
             if os.environ.get("RAG_DEBUG"):
                 raise
+            if isinstance(err, AbortingError):
+                print(f"error: {user_message(err)}\n{DEBUG_HINT}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(2)
             exit_with(user_message(err))
 
     return wrapper

@@ -37,7 +37,7 @@ from rag_lightning.config import (
     check_trainer,
     section,
 )
-from rag_lightning.errors import UserError
+from rag_lightning.errors import AbortingError, UserError
 from rag_lightning.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,6 @@ def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
 def cleaned_on_user_error(output_dir: str | Path) -> Iterator[None]:
     """A run that stops on bad input before writing anything leaves no run directory behind (Hydra makes it,
     and its `.hydra/` record, before the task starts); a directory with anything else in it is kept."""
-    from rag_lightning.errors import UserError
-
     try:
         yield
     except (UserError, FileNotFoundError):
@@ -396,7 +394,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_loggers()
 
 
-class RankLostError(UserError, RuntimeError):
+class RankLostError(AbortingError, RuntimeError):
     """Another process of a DDP job died (killed, out of memory): this one stops instead of hanging."""
 
 

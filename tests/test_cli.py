@@ -344,3 +344,28 @@ def test_rag_debug_shows_the_traceback_in_a_subprocess(cli_subprocess, tmp_path,
     run = cli_subprocess("rag-train", "model.n_doc=3", RAG_DEBUG="1")
     assert run.code == 1 and "Traceback (most recent call last)" in run.err and "model.n_doc" in run.err
 
+
+
+def test_an_aborting_error_ends_the_process_at_once_with_its_message(tmp_path):
+    """A rank-lost error must not go through interpreter shutdown (a broken gloo group can crash it, which
+    once turned exit status 2 into a segfault in CI): the message is printed and the process ends with
+    status 2 even while a non-daemon thread would keep a normal exit waiting forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "abort.py"
+    script.write_text(
+        "import threading\n"
+        "from rag_lightning.errors import friendly_errors\n"
+        "from rag_lightning.pipeline import RankLostError\n"
+        "threading.Thread(target=threading.Event().wait).start()\n"
+        "print('written before', flush=False)\n"
+        "@friendly_errors\n"
+        "def main():\n"
+        "    raise RankLostError('a DDP process of this job stopped. Fix: resume')\n"
+        "main()\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2, run.stderr
+    assert "written before" in run.stdout  # buffered output is flushed, not lost
+    assert run.stderr.startswith("error: a DDP process of this job stopped. Fix: resume") and "Traceback" not in run.stderr
