@@ -75,6 +75,9 @@ class DataConfig:
     val_file: str | None = MISSING
     test_file: str | None = MISSING
     extra_test_files: dict[str, str | None] = field(default_factory=dict)
+    # more training files (any QA/KILT format), mixed into the train split: multi-task training, e.g. the QA
+    # questions beside fact-verification claims so the generator learns to read while it learns to verify
+    extra_train_files: dict[str, str | None] = field(default_factory=dict)
     # a tokenizer directory; None when a pretrained generator brings its own
     generator_tokenizer: str | None = None
     skip_bad_rows: bool = False
@@ -88,6 +91,12 @@ class DataConfig:
         """Every test split this data names: `test` and the `extra_test_files`."""
         files = {"test": self.test_file} if self.test_file else {}
         files.update({name: path for name, path in self.extra_test_files.items() if path})
+        return files
+
+    def train_files(self) -> dict[str, str]:
+        """Every file training reads: `train` and the `extra_train_files` (mixed into one shuffled split)."""
+        files = {"train": self.train_file} if self.train_file else {}
+        files.update({f"train.{name}": path for name, path in self.extra_train_files.items() if path})
         return files
 
 

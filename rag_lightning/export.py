@@ -134,7 +134,8 @@ def model_card(
     copy = generator_class != "BartForConditionalGeneration"
     encoder = model.question_encoder
     command = " ".join(["rag-train", *overrides])
-    files = [("train", data.train_file), ("validation", data.val_file), ("test", data.test_file),
+    files = [("train", data.train_file), *((f"train ({name})", path) for name, path in data.extra_train_files.items()),
+             ("validation", data.val_file), ("test", data.test_file),
              *data.extra_test_files.items(), ("corpus (retrieved passages)", data.corpus_file)]
     if copy:
         generator_load = (

@@ -138,6 +138,7 @@ def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
 
     return RagDataModule(
         files={"train": s.data.train_file, "val": s.data.val_file, **s.data.test_files()},
+        extra_train_files={name: path for name, path in s.data.extra_train_files.items() if path},
         question_tokenizer=load_encoder_tokenizer(s.model.question_encoder),
         generator_tokenizer=generator_tokenizer,
         global_batch_size=s.loader.global_batch_size,

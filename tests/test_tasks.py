@@ -221,6 +221,49 @@ def test_verification_trains_and_tests_on_kilt_files_with_the_kilt_metrics(
     assert len(labels) == 8 and set(labels) <= {"SUPPORTS", "REFUTES"}
 
 
+def test_extra_train_files_are_mixed_into_training_each_with_its_own_target(
+    tmp_path: Path, write_world, make_gen_tokenizer
+) -> None:
+    """Multi-task training: claims (KILT) and the QA questions (the world's QA layout) in one shuffled train
+    split, each example with its own target (a label, an answer); validation reads the claims alone."""
+    import json
+
+    from rag_lightning.data.datamodule import RagDataModule
+
+    world = write_world(tmp_path / "data")
+    rows = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
+    countries = [(i, r["question"].removeprefix("What is the capital of ").rstrip("?"), r["answers"][0])
+                 for i, r in enumerate(rows)]
+    claims = _kilt_claims(countries, {i: countries[(i + 1) % len(countries)][2] for i, _, _ in countries})
+    kilt = tmp_path / "claims.jsonl"
+    kilt.write_text("".join(json.dumps(r) + "\n" for r in claims))
+    gen_tok = make_gen_tokenizer(tmp_path / "tok")
+    datamodule = RagDataModule(
+        files={"train": str(kilt), "val": str(kilt)}, extra_train_files={"qa": world["train"]},
+        question_tokenizer=_FakeQuestionTokenizer(), generator_tokenizer=gen_tok, global_batch_size=4,
+        task=task("verification", metrics=["accuracy"], monitor="accuracy"),
+    )
+    train = datamodule.train_dataset()
+    assert len(train) == len(claims) + len(rows) and len(datamodule.dataset("val")) == len(claims)
+    targets = {item.example.question: gen_tok.decode(item.target_ids, skip_special_tokens=True).strip()
+               for item in train}
+    for claim in claims:
+        assert targets[claim["input"]] == claim["output"][0]["answer"]
+    for row in rows:
+        assert targets[row["question"]] == row["answers"][0]
+    batches = list(datamodule._loader(train, "train", 4, shuffle=True))
+    assert sum(len(b["answers"]) for b in batches) == len(train)
+
+
+def test_a_missing_extra_train_file_is_named_with_its_key(tmp_path: Path, tiny_train_config) -> None:
+    from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
+    from rag_lightning.pipeline import sections
+
+    cfg = tiny_train_config(tmp_path, f"+data.extra_train_files.qa={tmp_path / 'nope.jsonl'}")
+    with pytest.raises(PrepareError, match=r"data\.extra_train_files\.qa=.*nope\.jsonl: file not found"):
+        ensure_prepared(sections(cfg).data)
+
+
 def test_rag_eval_reads_a_qa_file_in_kilt_layout_without_a_flag(cli, tmp_path: Path, tiny_run) -> None:
     import json
 

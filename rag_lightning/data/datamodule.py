@@ -142,10 +142,12 @@ class RagDataModule(L.LightningDataModule):
         max_answer_length: int = 32,
         skip_bad_rows: bool = False,
         task: Task | None = None,
+        extra_train_files: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.task = task or Task()
         self.files = dict(files)  # split name -> QA file: train, val, test, test_seen, ...
+        self.extra_train_files = dict(extra_train_files or {})  # name -> file, mixed into train (multi-task)
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.global_batch_size = global_batch_size
@@ -203,8 +205,17 @@ class RagDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def train_dataset(self) -> QADataset:
+        """The train split: the train file and every extra training file, one dataset the loader shuffles."""
+        if not self.extra_train_files:
+            return self.dataset("train")
+        parts = {"train": self.dataset("train")}
+        parts.update({name: self.dataset(f"train.{name}", path) for name, path in self.extra_train_files.items()})
+        log.info("training on %s", " + ".join(f"{len(part):,} ({name})" for name, part in parts.items()))
+        return QADataset([item for part in parts.values() for item in part.items])
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), "train", self.per_device_batch_size(), shuffle=True)
+        return self._loader(self.train_dataset(), "train", self.per_device_batch_size(), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), "val", self.eval_batch_size, shuffle=False)

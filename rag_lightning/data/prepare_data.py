@@ -154,9 +154,10 @@ def _user_files(cfg: DataConfig) -> dict[str, Path]:
             raise PrepareError(f"data.{key} is null but required. Fix: pass data.{key}=...")
         if value is not None:
             files[key] = Path(value)
-    for name, value in cfg.extra_test_files.items():
-        if value is not None:
-            files[f"extra_test_files.{name}"] = Path(value)
+    for group in ("extra_test_files", "extra_train_files"):
+        for name, value in getattr(cfg, group).items():
+            if value is not None:
+                files[f"{group}.{name}"] = Path(value)
     for key, path in files.items():
         if not path.is_file():
             raise PrepareError(
