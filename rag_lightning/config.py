@@ -201,7 +201,10 @@ class GeneratorConfig:
         if self.question_match_unique and not self.question_match:
             raise ConfigError(f"{prefix}.question_match_unique=true needs {prefix}.question_match=true")
         if self.kind in ("pretrained", "rag") and not self.name_or_path:
-            raise ConfigError(f"{prefix}.name_or_path is required for kind={self.kind}")
+            raise ConfigError(
+                f"{prefix}.name_or_path is required for kind={self.kind}. Fix: pass {prefix}.name_or_path=<a hub "
+                "name or a save_pretrained directory, e.g. a run's checkpoints/hf/generator>"
+            )
         if self.kind == "random" and not self.tokenizer:
             raise ConfigError(f"{prefix}.tokenizer is required for kind=random (a tokenizer directory)")
 

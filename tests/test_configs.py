@@ -19,13 +19,26 @@ def _compose(name: str, *overrides: str):
         return compose(name, overrides=list(overrides), return_hydra_config=False)
 
 
+# experiments that fine-tune a trained model name it (`???`): the value a user passes
+REQUIRED = {name: ["model.generator.name_or_path=/runs/main/checkpoints/hf/generator"]
+            for name in ("world_fever", "world_fever_closed_book")}
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
-    cfg = _compose("train", f"experiment={experiment}", "paths.output_dir=/tmp/x")
+    cfg = _compose("train", f"experiment={experiment}", "paths.output_dir=/tmp/x", *REQUIRED.get(experiment, []))
     model = sections(cfg).model
     assert cfg.experiment_name == experiment
     assert OmegaConf.select(cfg, "trainer._target_") == "lightning.pytorch.Trainer"
     assert model.n_docs > 0
+
+
+@pytest.mark.parametrize("experiment", sorted(REQUIRED))
+def test_an_experiment_without_its_required_model_names_the_key(experiment):
+    from rag_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.generator\.name_or_path is required .* Fix: pass model\.generator"):
+        sections(_compose("train", f"experiment={experiment}", "paths.output_dir=/tmp/x"))
 
 
 def test_experiments_set_what_they_claim():
