@@ -571,6 +571,12 @@ def swap_index(saved: DictConfig, cfg: DictConfig, named: list[str]) -> DictConf
     return cfg
 
 
+def call_overrides(cfg: DictConfig, *keys: str) -> DictConfig:
+    """The sections of a rag-eval / rag-predict call that override the run's, resolved against the call's own
+    config (a `data=<option>` brings interpolations such as ${paths.cache_dir})."""
+    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys if cfg.get(k) is not None})
+
+
 def _non_null(node: Any) -> Any:
     """What a call sets: values that are neither null nor ``???`` (eval.yaml's "the run's own")."""
     if isinstance(node, dict):
@@ -610,8 +616,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on any QA file: metrics.json and predictions.jsonl in this run's directory."""
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        given = {"data": cfg.data, "model": cfg.model, "task": cfg.get("task") or {}, "index": cfg.get("index") or {}}
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create(given))
+        run_cfg = run_config(cfg.ckpt_path, call_overrides(cfg, "data", "model", "task", "index"))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
         split = cfg.split_name
         loader = datamodule.test_loader(split, cfg.data.get("test_file"))
@@ -653,8 +658,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         )
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        given = {"model": cfg.model, "data": cfg.get("data") or {}, "index": cfg.get("index") or {}}
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create(given))
+        run_cfg = run_config(cfg.ckpt_path, call_overrides(cfg, "model", "data", "index"))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
     with quiet_lightning():
         trainer = eval_trainer(run_cfg, cfg.accelerator, output_dir, enable_progress_bar=False, enable_model_summary=False)
