@@ -306,14 +306,17 @@ def test_an_index_built_for_another_corpus_is_refused_not_rebuilt(cli, tmp_path,
 def test_an_index_built_with_another_encoder_is_refused(cli, tmp_path, tiny_run) -> None:
     files = swapped_tiny_world(tmp_path / "swapped", tiny_run.root)
     other = tmp_path / "other_index"
-    built = cli("rag-index", *tiny_run.overrides[:-1], "data.name=swapped", f"data.corpus_file={files['corpus']}",
-                "model.question_encoder.tiny.seed=7", f"index.store_dir={tmp_path / 'store'}",
-                f"index.vectors_dir={tmp_path / 'vectors7'}", f"index.dir={other}")
+    data = [o for o in tiny_run.overrides  # the tiny world's files (rag-index has no experiment group)
+            if o.startswith(("data.", "paths.")) and not o.startswith("data.corpus_file=")]
+    built = cli("rag-index", "data=jsonl", "model/question_encoder=tiny", *data, "data.name=swapped",
+                f"data.corpus_file={files['corpus']}", "model.question_encoder.tiny.seed=7",
+                f"index.store_dir={tmp_path / 'store'}", f"index.vectors_dir={tmp_path / 'vectors7'}",
+                f"index.dir={other}", "index.progress=false")
     assert built.code == 0, built.output[-3000:]
     manifest = (other / "index_manifest.json").read_bytes()
     run = cli("rag-eval", f"ckpt_path={tiny_run.best_checkpoint()}", "accelerator=cpu", "data.name=swapped",
               f"data.corpus_file={files['corpus']}", f"data.test_file={files['test']}",
-              f"index.store_dir={tmp_path / 'store'}", f"index.dir={other}", f"hydra.run.dir={tmp_path / 'eval'}")
+              f"index.store_dir={tmp_path / 'store_eval'}", f"index.dir={other}", f"hydra.run.dir={tmp_path / 'eval'}")
     assert run.code == 2 and "Traceback" not in run.output
     assert f"index.dir={other}" in run.err and "encoder_fingerprint" in run.err
     assert (other / "index_manifest.json").read_bytes() == manifest
