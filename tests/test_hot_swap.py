@@ -320,3 +320,51 @@ def test_an_index_built_with_another_encoder_is_refused(cli, tmp_path, tiny_run)
     assert run.code == 2 and "Traceback" not in run.output
     assert f"index.dir={other}" in run.err and "encoder_fingerprint" in run.err
     assert (other / "index_manifest.json").read_bytes() == manifest
+
+
+# ------------------------------------------------------------------------------------------ ensure_index, named dirs
+def spec_of(root: Path, *overrides: str, named: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """rag-index's retrieval spec for the corpus under root (tiny encoder), with the index keys named."""
+    from rag_lightning.config import ContextConfig, IndexConfig, QuestionEncoderConfig
+    from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
+    from rag_lightning.retrieval.build import RetrievalSpec
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("index", overrides=[
+            "data=jsonl", f"data.corpus_file={root / 'corpus.jsonl'}", f"data.train_file={root / 'train.jsonl'}",
+            "data.val_file=null", "data.test_file=null", f"data.generator_tokenizer={root / 'tok'}",
+            "model/question_encoder=tiny", f"paths.cache_dir={root / 'cache'}", "index.progress=false", *overrides])
+    data = section(DataConfig, cfg.data, "data")
+    spec = RetrievalSpec(data, section(QuestionEncoderConfig, cfg.model.question_encoder, "model.question_encoder"),
+                         section(IndexConfig, cfg.index, "index"), ContextConfig(), cfg.paths.cache_dir, "rag-index",
+                         named)
+    return spec, load_generator_tokenizer(data.generator_tokenizer)
+
+
+def test_named_store_and_index_are_used_when_they_fit_and_refused_otherwise(
+    tmp_path: Path, synthetic_passages, make_gen_tokenizer
+) -> None:
+    from rag_lightning.retrieval.build import NamedIndexError, ensure_index
+
+    rows = [{"id": p.id, "title": p.title, "text": p.text} for p in synthetic_passages(24)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "Where is Paris?", "answers": ["France"]}) + "\n")
+    make_gen_tokenizer(tmp_path / "tok")
+    dirs = [f"index.store_dir={tmp_path / 'store'}", f"index.vectors_dir={tmp_path / 'vectors'}",
+            f"index.dir={tmp_path / 'index'}"]
+    _, index_dir, _ = ensure_index(*spec_of(tmp_path, *dirs, named=("store_dir", "dir")))  # missing: built there
+    manifest = (index_dir / "index_manifest.json").read_bytes()
+    ensure_index(*spec_of(tmp_path, *dirs, named=("store_dir", "dir")))  # fits: used as it is
+    with pytest.raises(NamedIndexError, match=r"(?s)index.dir=.*encoder_fingerprint.*Fix: point index.dir"):
+        ensure_index(*spec_of(tmp_path, *dirs, "model.question_encoder.tiny.seed=7", named=("store_dir", "dir")))
+    assert (index_dir / "index_manifest.json").read_bytes() == manifest  # refused, not rebuilt
+    rows[0]["text"] = "A changed passage."
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(NamedIndexError, match=r"(?s)index.store_dir=.*corpus_hash"):
+        ensure_index(*spec_of(tmp_path, *dirs, named=("store_dir", "dir")))
+    new_store = f"index.store_dir={tmp_path / 'store2'}"
+    with pytest.raises(NamedIndexError, match=r"(?s)index.dir=.*corpus_hash"):
+        ensure_index(*spec_of(tmp_path, new_store, *dirs[1:], named=("store_dir", "dir")))
+    assert (index_dir / "index_manifest.json").read_bytes() == manifest
+    ensure_index(*spec_of(tmp_path, new_store, *dirs[1:]))  # not named: a cache, rebuilt for the new corpus
+    assert (index_dir / "index_manifest.json").read_bytes() != manifest
