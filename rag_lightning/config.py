@@ -64,6 +64,16 @@ class TokenizerTrainingConfig:
 
 
 @dataclass
+class CounterfactualOptions:
+    """`data.counterfactual`: the counterfactual world of `data=world_counterfactual` (the index hot-swap demo,
+    data/world_counterfactual.py): the world set in `source_dir` with its held-out countries' facts changed."""
+
+    source_dir: str | None = None  # the world build it copies (built first when missing)
+    seed: int = 0  # the cycle through the held-out countries that decides who takes whose facts
+    relations: list[str] = field(default_factory=lambda: ["capital", "population", "area", "calling_code"])
+
+
+@dataclass
 class DataConfig:
     """`data`: where the corpus and the QA splits are, and who builds them (`build: world` or null)."""
 
@@ -83,9 +93,10 @@ class DataConfig:
     skip_bad_rows: bool = False
     tokenizer: TokenizerTrainingConfig = field(default_factory=TokenizerTrainingConfig)
     world: WorldOptions = field(default_factory=WorldOptions)
+    counterfactual: CounterfactualOptions = field(default_factory=CounterfactualOptions)
 
     def check(self, prefix: str = "data") -> None:
-        _one_of(f"{prefix}.build", str(self.build), ("world", "None"))
+        _one_of(f"{prefix}.build", str(self.build), ("world", "world_counterfactual", "None"))
 
     def test_files(self) -> dict[str, str]:
         """Every test split this data names: `test` and the `extra_test_files`."""

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 RESOLVED_CONFIG = "config_resolved.yaml"
 # keys older runs saved that nothing reads any more (removed from the configs; dropped when a run is reloaded)
 RETIRED_KEYS = ("model.question_encoder.max_length",)
+# rag-eval / rag-predict: the index keys named on their command line (swap_index), kept in the run's config
+NAMED_INDEX_KEY = "named_index_keys"
+SWAP_INDEX_KEYS = ("store_dir", "vectors_dir", "dir")
 # the config groups and keys that decide what rag-index builds (the rest of a run's overrides do not)
 INDEX_OVERRIDE_PREFIXES = ("data", "index", "model/question_encoder", "model.question_encoder", "paths")
 
@@ -108,10 +111,10 @@ def rebuild_command(cfg: DictConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def retrieval_spec(s: Sections, command: str):
+def retrieval_spec(s: Sections, command: str, named: tuple[str, ...] = ()):
     from rag_lightning.retrieval.build import RetrievalSpec
 
-    return RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir, command)
+    return RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir, command, named)
 
 
 def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
@@ -174,7 +177,8 @@ def setup(cfg: DictConfig) -> tuple[Sections, Any, Any]:
     if s.model.retrieves:
         from rag_lightning.retrieval.build import open_retriever
 
-        retriever = open_retriever(retrieval_spec(s, rebuild_command(cfg)), generator_tokenizer)
+        named = tuple(cfg.get(NAMED_INDEX_KEY) or ())
+        retriever = open_retriever(retrieval_spec(s, rebuild_command(cfg), named), generator_tokenizer)
         check_corpus_size(s.model, len(retriever))
     return s, build_module(s, generator_tokenizer, retriever), build_datamodule(s, generator_tokenizer)
 
@@ -521,12 +525,63 @@ def run_config(ckpt_path: str | Path, overrides: DictConfig) -> DictConfig:
         node = OmegaConf.select(cfg, parent)
         if node is not None and leaf in node:
             node.pop(leaf)
-    return OmegaConf.merge(cfg, _non_null(OmegaConf.to_container(overrides, resolve=True)))
+    given = _non_null(OmegaConf.to_container(overrides, resolve=True))
+    return swap_index(cfg, OmegaConf.merge(cfg, given), sorted((given.get("index") or {}).keys()))
+
+
+def swap_index(saved: DictConfig, cfg: DictConfig, named: list[str]) -> DictConfig:
+    """The index hot-swap (the paper's §4.5): a trained run evaluated on another corpus gets that corpus's own
+    store, vectors and index, so the run's are never rebuilt over.
+
+    When ``data.corpus_file`` differs from the run's, every index directory not named in ``named`` is derived
+    from the new ``data.name`` the way conf/index/common.yaml derives them (``<name>-<encoder>-...``); the ones
+    named are used as given, and a store or index found there that was built for other inputs is refused
+    (``retrieval.build.refuse_named``), not rebuilt.
+    """
+    old_corpus, new_corpus = saved.data.corpus_file, cfg.data.corpus_file
+    swapped = Path(str(new_corpus)).resolve() != Path(str(old_corpus)).resolve()
+    if swapped:
+        old_name, new_name = str(saved.data.name), str(cfg.data.name)
+        for key in SWAP_INDEX_KEYS:
+            if key in named:
+                continue
+            old_dir = Path(str(saved.index[key]))
+            if new_name == old_name:
+                raise ConfigError(
+                    f"data.corpus_file={new_corpus} is not the corpus this run was trained with ({old_corpus}); "
+                    f"its store and index need directories of their own, so the run's in {old_dir.parent.parent} "
+                    "are not rebuilt over. Fix: give the new corpus a name, data.name=<name> (index.store_dir, "
+                    "index.vectors_dir and index.dir are derived from it), or name index.store_dir, "
+                    "index.vectors_dir and index.dir yourself"
+                )
+            if not old_dir.name.startswith(f"{old_name}-"):
+                raise ConfigError(
+                    f"data.corpus_file={new_corpus} swaps the run's corpus, but the run's index.{key}={old_dir} "
+                    f"is not named after its data.name ({old_name}), so no directory can be derived for the new "
+                    f"corpus. Fix: pass index.{key}=<a new directory> (and the other index directories)"
+                )
+            cfg.index[key] = str(old_dir.with_name(new_name + old_dir.name[len(old_name):]))
+        log.info(
+            "index hot-swap: corpus %s (was %s), store %s, index %s",
+            new_corpus,
+            old_corpus,
+            cfg.index.store_dir,
+            cfg.index.dir,
+        )
+    cfg[NAMED_INDEX_KEY] = [k for k in named if k in ("store_dir", "dir")]
+    return cfg
+
+
+def call_overrides(cfg: DictConfig, *keys: str) -> DictConfig:
+    """The sections of a rag-eval / rag-predict call that override the run's, resolved against the call's own
+    config (a `data=<option>` brings interpolations such as ${paths.cache_dir})."""
+    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys if cfg.get(k) is not None})
 
 
 def _non_null(node: Any) -> Any:
+    """What a call sets: values that are neither null nor ``???`` (eval.yaml's "the run's own")."""
     if isinstance(node, dict):
-        return {k: _non_null(v) for k, v in node.items() if v is not None and _non_null(v) != {}}
+        return {k: _non_null(v) for k, v in node.items() if v is not None and v != "???" and _non_null(v) != {}}
     return node
 
 
@@ -562,8 +617,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on any QA file: metrics.json and predictions.jsonl in this run's directory."""
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        given = {"data": cfg.data, "model": cfg.model, "task": cfg.get("task") or {}}
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create(given))
+        run_cfg = run_config(cfg.ckpt_path, call_overrides(cfg, "data", "model", "task", "index"))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
         split = cfg.split_name
         loader = datamodule.test_loader(split, cfg.data.get("test_file"))
@@ -605,7 +659,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         )
     output_dir = Path(cfg.paths.output_dir)
     with cleaned_on_user_error(output_dir):
-        run_cfg = run_config(cfg.ckpt_path, OmegaConf.create({"model": cfg.model}))
+        run_cfg = run_config(cfg.ckpt_path, call_overrides(cfg, "model", "data", "index"))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
     with quiet_lightning():
         trainer = eval_trainer(run_cfg, cfg.accelerator, output_dir, enable_progress_bar=False, enable_model_summary=False)

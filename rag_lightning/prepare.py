@@ -15,9 +15,13 @@ from rag_lightning.config import DataConfig, section
 from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST, ensure_prepared
 from rag_lightning.errors import friendly_errors, friendly_hydra_errors
 
+COUNTERFACTUAL_BUILDER = "rag_lightning.data.world_counterfactual"  # its manifest's "builder" (not imported here)
+
 
 def summary_table(manifest: dict[str, Any]) -> Table:
     """What was prepared: passages and questions per split for the world set, rows per file otherwise."""
+    if manifest.get("builder") == COUNTERFACTUAL_BUILDER:
+        return counterfactual_table(manifest)
     if manifest.get("builder"):
         table = Table(title=f"world data in {manifest['dir']}")
         table.add_column("item")
@@ -41,6 +45,23 @@ def summary_table(manifest: dict[str, Any]) -> Table:
         skipped = f" ({c['skipped']:,} bad rows skipped)" if c.get("skipped") else ""
         table.add_row(key, f"{c.get('rows', 0):,}{skipped}", path)
     table.add_row("generator tokenizer", "", manifest.get("generator_tokenizer") or "(the generator's own)")
+    return table
+
+
+def counterfactual_table(manifest: dict[str, Any]) -> Table:
+    """What the counterfactual copy changed, and where its files are."""
+    counts = manifest["counts"]
+    table = Table(title=f"counterfactual world in {manifest['dir']} (from {manifest['source_dir']})")
+    table.add_column("item")
+    table.add_column("count", justify="right")
+    table.add_column("file", overflow="fold")
+    table.add_row("passages (rewritten)", f"{counts['passages']:,} ({counts['passages_changed']:,})", "corpus.jsonl")
+    for relation, n in counts["facts_changed"].items():
+        table.add_row(f"{relation} facts changed", f"{n:,}", "changes.jsonl")
+    table.add_row("test questions", f"{counts['questions']['test']:,}", "test.jsonl")
+    table.add_row("whose answer changed", f"{counts['questions']['test_changed']:,}",
+                  "test_changed.jsonl, test_changed_original.jsonl")
+    table.add_row("manifest", "", WORLD_MANIFEST)
     return table
 
 

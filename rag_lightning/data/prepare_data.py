@@ -55,10 +55,15 @@ def ensure_prepared(data: DataConfig, *, validate: bool = False) -> dict[str, An
     """
     if data.build == "world":
         return _ensure_world(data)
+    if data.build == "world_counterfactual":
+        from rag_lightning.data.world_counterfactual import ensure_counterfactual
+
+        return ensure_counterfactual(data)
     if data.build is None:
         return _ensure_user_data(data, validate)
     raise PrepareError(
-        f"data.build={data.build!r} is unknown. Fix: use data.build=world, or null for your own files"
+        f"data.build={data.build!r} is unknown. Fix: use data.build=world (or world_counterfactual), or null for "
+        "your own files"
     )
 
 

@@ -35,7 +35,12 @@ from rag_lightning.models.encoders import (
 )
 from rag_lightning.retrieval.distributed import DistributedSearch, LazyPassageIndex
 from rag_lightning.retrieval.encode import encode_passages
-from rag_lightning.retrieval.faiss_index import IndexCorruptError, IndexStateError, PassageIndex
+from rag_lightning.retrieval.faiss_index import (
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexStateError,
+    PassageIndex,
+)
 from rag_lightning.retrieval.retriever import Retriever
 from rag_lightning.retrieval.store import CorpusStore, StoreError, manifest_differences, tokenizer_fingerprint
 
@@ -52,6 +57,24 @@ class RetrievalSpec:
     context: ContextConfig
     cache_dir: str  # where the build lock lives (shared by sweep jobs and DDP ranks)
     rebuild_command: str = "rag-index"  # what an error message tells the user to run
+    # `index` keys (store_dir, dir) the user named for this call (rag-eval / rag-predict): a store or index found
+    # there is used when it fits and refused when it was built for other inputs, never rebuilt over
+    named: tuple[str, ...] = ()
+
+
+class NamedIndexError(IndexStateError):
+    """A store or index named on the command line was built for another corpus, encoder or parameters."""
+
+
+def refuse_named(key: str, path: Path, what: str, why: str) -> NamedIndexError:
+    """The error for a store or index the user named that was built for other inputs (or is damaged)."""
+    return NamedIndexError(
+        f"index.{key}={path} holds {what} that does not fit this run:\n  {why.strip()}\nIt was named on the "
+        f"command line, so it is used as it is or not at all. Fix: point index.{key} at a new or empty directory "
+        f"(built on first use), or leave index.{key} out (derived from data.name), or check that data.corpus_file "
+        "and the run's encoder are the ones this index was built for"
+    )
+
 
 
 def corpus_path(data: DataConfig) -> Path:
@@ -95,6 +118,8 @@ def ensure_store(spec: RetrievalSpec, gen_tokenizer: Any, ctx_tokenizer: Any) ->
     manifest = CorpusStore.read_manifest(store_dir)
     if manifest is not None:
         differences = manifest_differences(manifest, expect)
+        if differences and "store_dir" in spec.named:
+            raise refuse_named("store_dir", store_dir, "a corpus store", "\n  ".join(f"- {d}" for d in differences))
         if not differences:
             try:
                 store = CorpusStore.open(store_dir)
@@ -184,8 +209,13 @@ def ensure_index(
             )
             log.info("FAISS index %s is up to date", index_dir)
             return store, index_dir, expect
-        except IndexCorruptError as why:
-            log.warning("rebuilding the FAISS index: %s", str(why).split(": the index cannot")[0].split(" Rebuild it")[0])
+        except (IndexCorruptError, IndexMismatchError) as why:
+            if "dir" in spec.named:
+                raise refuse_named("dir", index_dir, "a FAISS index", str(why).split("Rebuild it with")[0]) from None
+            if isinstance(why, IndexMismatchError):
+                log.info("building the FAISS index: %s", str(why).splitlines()[0])
+            else:
+                log.warning("rebuilding the FAISS index: %s", str(why).split(": the index cannot")[0].split(" Rebuild it")[0])
         except IndexStateError as why:
             log.info("building the FAISS index: %s", str(why).splitlines()[0])
         start = time.time()
@@ -223,6 +253,10 @@ def _ensure_bm25(spec: RetrievalSpec, store: CorpusStore) -> tuple[Path, dict[st
         BM25Index.check(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
         log.info("BM25 index %s is up to date", index_dir)
         return index_dir, expect
+    except (IndexCorruptError, IndexMismatchError) as why:
+        if "dir" in spec.named:
+            raise refuse_named("dir", index_dir, "a BM25 index", str(why).split("Rebuild it with")[0]) from None
+        log.info("building the BM25 index: %s", str(why).splitlines()[0])
     except IndexStateError as why:
         log.info("building the BM25 index: %s", str(why).splitlines()[0])
     start = time.time()

@@ -1,0 +1,73 @@
+"""Index hot-swap: how often a trained run answers with the counterfactual world's new facts (docs/hot_swap.md).
+
+    python benchmarks/hot_swap.py NAME=EVAL_DIR [NAME=EVAL_DIR ...] [--data outputs/cache/data/world_counterfactual]
+        [--out benchmarks/results/hot_swap.json]
+
+Each EVAL_DIR is a `rag-eval` run directory over the questions whose answer the counterfactual world changed
+(`test_changed.jsonl` on the swapped index, or `test_changed_original.jsonl` on the original one: the same
+questions in the same order). For each it counts, by relation and overall, the predictions that match the NEW
+answer (the counterfactual fact) and those that match the OLD one (the real world's), with the QA set's own
+exact-match normalisation, and how often a passage stating the new fact was read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rag_lightning.metrics import exact_match, has_answer
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """New-answer and old-answer shares of one rag-eval run over the changed questions."""
+    rows = read_jsonl(eval_dir / "predictions.jsonl")
+    missing = [r["id"] for r in rows if r["id"] not in changed]
+    if missing or len(rows) != len(changed):
+        raise SystemExit(f"{eval_dir}: its questions are not the changed ones ({len(rows)} rows, e.g. {missing[:3]})")
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        q = changed[r["id"]]
+        for key in (q["relation"], "all"):
+            c = counts[key]
+            c["questions"] += 1
+            c["new"] += int(exact_match(r["prediction"], q["answers"]))
+            c["old"] += int(exact_match(r["prediction"], q["old_answers"]))
+            c["read_new_fact"] += int(any(has_answer(p["text"], q["answers"]) and p["id"] in q["gold_passage_ids"]
+                                          for p in r.get("passages", [])))
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    return {
+        "eval_dir": str(eval_dir),
+        "metrics": metrics,
+        "by_relation": {
+            k: {**v, "new_share": round(v["new"] / v["questions"], 3), "old_share": round(v["old"] / v["questions"], 3)}
+            for k, v in sorted(counts.items())
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="NAME=EVAL_DIR")
+    parser.add_argument("--data", default="outputs/cache/data/world_counterfactual", type=Path)
+    parser.add_argument("--out", default=None, type=Path)
+    args = parser.parse_args()
+    changed = {q["id"]: q for q in read_jsonl(args.data / "test_changed.jsonl")}
+    result = {name: shares(Path(d), changed) for name, d in (r.split("=", 1) for r in args.runs)}
+    for name, r in result.items():
+        a = r["by_relation"]["all"]
+        print(f"{name:28s} {a['questions']} questions: new answer {a['new_share']:.3f}, old answer {a['old_share']:.3f}, "
+              f"read a passage stating the new fact {a['read_new_fact'] / a['questions']:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
