@@ -113,7 +113,7 @@ class DataConfig:
 
 # ------------------------------------------------------------------------------------------ task
 TASK_KINDS = ("qa", "verification", "generation", "dialogue")
-TASK_METRICS = ("em", "f1", "accuracy", "bleu", "rougeL")
+TASK_METRICS = ("em", "f1", "accuracy", "bleu", "rougeL", "bleu1", "factuality")
 
 
 @dataclass

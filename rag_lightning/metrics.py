@@ -162,3 +162,81 @@ def page_recall_at_k(pages: Sequence[str], provenance: Sequence[Sequence[str]], 
         if not found:
             rank.append(False)
     return sum(1 for r in rank[:k] if r is True) / len(sets)
+
+
+def bleu1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-1 (sacrebleu with ``max_ngram_order=1``: unigram precision times the brevity penalty,
+    0-100), the paper's Jeopardy measure beside BLEU-4, against every reference of each example."""
+    from sacrebleu.metrics import BLEU
+
+    width = max((len(r) for r in references), default=0)
+    streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+    return float(BLEU(max_ngram_order=1).corpus_score(list(predictions), streams).score) if width else 0.0
+
+
+# ----------------------------------------------------------------------------- factuality of generated text
+_NUMBER = r"\d+(?:[.,]\d+)*"
+_TOKEN = re.compile(rf"{_NUMBER}|[\w'’\-]+|\S")
+# capitalised words that start sentences or questions without naming anything
+_NOT_NAMES = frozenset({
+    "the", "this", "that", "these", "those", "it", "its", "a", "an", "and", "or", "in", "on", "of", "at", "by",
+    "for", "to", "from", "with", "people", "there", "here", "what", "which", "who", "whom", "whose", "how",
+    "when", "where", "why", "yes", "no", "also",
+})  # fmt: skip
+
+
+def _fold(text: str) -> str:
+    """Case- and accent-insensitive form, so "N'Djamena" matches "n'djamena" and "Sant Julià" "Sant Julia"."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def generated_facts(text: str) -> list[str]:
+    """The checkable facts a sentence states: its numbers ("66,078,000", "1.008") and its names (runs of
+    capitalised words, "Flying Fish Cove"; leading function words such as a sentence-initial "The" dropped),
+    each once, in order."""
+    facts: list[str] = []
+    run: list[str] = []
+
+    def close() -> None:
+        while run and run[0].casefold() in _NOT_NAMES:
+            run.pop(0)
+        if run:
+            facts.append(" ".join(run))
+        run.clear()
+
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if re.fullmatch(_NUMBER, token):
+            close()
+            facts.append(token)
+        elif token[0].isalpha() and token[0].isupper():
+            if run and text[match.start() - 1] != " ":
+                close()  # "Europe/Moscow": two names
+            run.append(token)
+        else:
+            close()
+    close()
+    return list(dict.fromkeys(facts))
+
+
+def _states(folded_text: str, fact: str) -> bool:
+    """Whether a folded text holds the fact as a whole number or as whole words."""
+    value = re.escape(_fold(fact))
+    number = re.fullmatch(_NUMBER, fact) is not None
+    # a number stands whole (66 is not in 66,078,000); a name as whole words
+    pattern = rf"(?<![\w.,]){value}(?!\w|[.,]\d)" if number else rf"(?<!\w){value}(?!\w)"
+    return re.search(pattern, folded_text) is not None
+
+
+def factuality(prediction: str, evidence: Sequence[str], given: str = "") -> float | None:
+    """The share of the facts (numbers, names) ``prediction`` states, beyond those ``given`` (the input it
+    answers), that a gold passage holds; None when it states none (no fact to check)."""
+    folded_given = _fold(given)
+    facts = [f for f in generated_facts(prediction) if not (given and _states(folded_given, f))]
+    if not facts:
+        return None
+    folded = _fold("\n".join(evidence))
+    return sum(_states(folded, f) for f in facts) / len(facts)

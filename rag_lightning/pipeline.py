@@ -130,7 +130,7 @@ def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
         generator_tokenizer=generator_tokenizer,
         retriever=retriever,
         predictions_dir=s.paths.output_dir,
-        task=build_task(s.task),
+        task=build_task(s.task, s.data.corpus_file),  # the corpus: factuality's gold passage texts
     )
 
 

@@ -290,3 +290,99 @@ def test_rag_eval_reads_a_qa_file_in_kilt_layout_without_a_flag(cli, tmp_path: P
     run = cli("rag-eval", f"ckpt_path={tiny_run.best_checkpoint()}", "accelerator=cpu", f"data.test_file={bad}",
               f"hydra.run.dir={tmp_path / 'eval2'}")
     assert run.code == 2 and f"{bad}:2: missing field 'output'" in run.output and "Traceback" not in run.output
+
+
+# --------------------------------------------------------------------------- generation tasks (issue 15)
+def test_bleu1_by_hand_and_as_sacrebleu_computes_it() -> None:
+    from sacrebleu.metrics import BLEU
+
+    # unigrams: the x2, cat, on, mat match, sat does not: 5/6, equal lengths (no brevity penalty) -> 83.333
+    assert metrics.bleu1(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(83.333, abs=1e-3)
+    # every unigram matches, but 2 words against 4: brevity penalty exp(1 - 4/2) -> 36.788
+    assert metrics.bleu1(["a b"], [["a b c d"]]) == pytest.approx(36.788, abs=1e-3)
+    preds = ["this country lies in europe", "this city has a population of 100"]
+    refs = [["this country's capital is paris", "this country lies in europe ."], ["this city lies in france"]]
+    streams = [[refs[0][0], refs[1][0]], [refs[0][1], refs[1][0]]]
+    assert metrics.bleu1(preds, refs) == pytest.approx(BLEU(max_ngram_order=1).corpus_score(preds, streams).score)
+    assert metrics.bleu1(preds, refs) > metrics.bleu(preds, refs)
+
+
+def test_generated_facts_are_numbers_and_names() -> None:
+    assert metrics.generated_facts("The capital of Chad is N'Djamena.") == ["Chad", "N'Djamena"]
+    assert metrics.generated_facts("Christmas Island covers 135 square kilometres; its capital is Flying Fish Cove, "
+                                   "its calling code +61.") == ["Christmas Island", "135", "Flying Fish Cove", "61"]
+    assert metrics.generated_facts("This city lies in the Europe/Moscow time zone.") == ["Europe", "Moscow"]
+    assert metrics.generated_facts("It was discovered in 1898 by Marie Curie.") == ["1898", "Marie Curie"]
+    assert metrics.generated_facts("the population is large.") == []
+
+
+def test_factuality_by_hand() -> None:
+    gold = ["The capital of France is Paris. France has a population of 66,078,000."]
+    # France is given by the question; 66,078,000 is in the gold passage, Lyon is not: 1 of 2
+    assert metrics.factuality("France has 66,078,000 people and its capital is Lyon.", gold,
+                              "How many people live in France?") == 0.5  # fmt: skip
+    assert metrics.factuality("Its capital is Paris.", gold) == 1.0
+    assert metrics.factuality("It has 66 people.", gold) == 0.0  # a number stands whole: 66 is not 66,078,000
+    assert metrics.factuality("Its capital is PARÍS.", gold) == 1.0  # case- and accent-insensitive
+    assert metrics.factuality("It is large.", gold) is None  # no fact stated: nothing to check
+    assert metrics.factuality("France.", gold, "Where is Paris?") == 1.0
+    assert metrics.factuality("Paris.", gold, "What is the capital of Paris?") is None  # only the input's name
+
+
+def test_generation_task_scores_factuality_against_the_gold_passages(tmp_path: Path) -> None:
+    import json
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"id": "chad-0", "title": "Chad", "text": "The capital of Chad is N'Djamena."},
+        {"id": "chad-1", "title": "Chad", "text": "Chad has a population of 14,037,000."},
+    ]))  # fmt: skip
+    g = Task(section(TaskConfig, {"name": "generation", "metrics": ["rougeL", "bleu1", "factuality"],
+                                  "monitor": "rougeL"}, "task"), str(corpus))  # fmt: skip
+    preds = ["The capital of Chad is N'Djamena.", "The capital of Chad is Abuja.", "It is big.", "Abuja."]
+    scores = g.scores(preds, [["x"]] * 4, inputs=["What is the capital of Chad?"] * 4,
+                      gold_passage_ids=[["chad-0"], ["chad-0"], ["chad-0"], []])  # fmt: skip
+    assert scores["factuality"] == [1.0, 0.0, None, None]  # no fact / no gold passage: not counted
+    assert g.needs_corpus_scores and set(g.corpus_scores(preds, [["x"]] * 4)) == {"bleu1"}
+    # the KILT scores leave factuality out (it is not a downstream point)
+    kilt = g.provenance_scores([["chad-0"]] * 4, [[["chad"]]] * 4, scores, [1])
+    assert "kilt_factuality" not in kilt and kilt["kilt_rougeL"] == scores["rougeL"]
+    with pytest.raises(ConfigError, match="no corpus file is known"):
+        Task(section(TaskConfig, {"name": "generation", "metrics": ["factuality"], "monitor": "factuality"},
+                     "task")).scores(["Paris."], [["x"]], gold_passage_ids=[["p-0"]])  # fmt: skip
+
+
+def test_generation_trains_and_tests_with_factuality_on_kilt_files(tmp_path: Path, tiny_train_config, write_world) -> None:
+    """The module logs factuality over the outputs that state a fact and writes it per record (None left out)."""
+    import json
+
+    from rag_lightning.pipeline import train
+
+    world = write_world(tmp_path / "data")
+    corpus = tmp_path / "kilt-corpus.jsonl"  # the tiny world's passages with KILT ids: <page>-<paragraph>
+    corpus.write_text("".join(json.dumps({**p, "id": f"{p['id']}-0"}) + "\n" for p in
+                              map(json.loads, Path(world["corpus"]).read_text().splitlines())))  # fmt: skip
+    rows = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
+    rows += [json.loads(line) for line in Path(world["val"]).read_text().splitlines()]
+    kilt = []
+    for r in rows:
+        country = r["question"].removeprefix("What is the capital of ").rstrip("?")
+        kilt.append({"id": r["id"], "input": r["question"], "output": [{
+            "answer": f"The capital of {country} is {r['answers'][0]}.",
+            "provenance": [{"wikipedia_id": r["gold_passage_ids"][0], "start_paragraph_id": 0}]}]})  # fmt: skip
+    files = {}
+    for split, part in (("train", kilt[:8]), ("val", kilt[8:])):
+        files[split] = tmp_path / f"{split}-kilt.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = tiny_train_config(tmp_path, "task=generation", "task.metrics=[rougeL,bleu1,factuality]",
+                            f"data.train_file={files['train']}", f"data.val_file={files['val']}",
+                            f"data.test_file={files['val']}", f"data.corpus_file={corpus}", "export=false")  # fmt: skip
+    results = train(cfg)
+    assert 0.0 <= results["test/rougeL"] <= 1.0 and 0.0 <= results["test/bleu1"] <= 100.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions_test.jsonl").read_text().splitlines()]
+    with_facts = [r["factuality"] for r in records if "factuality" in r]
+    assert all(0.0 <= v <= 1.0 for v in with_facts)
+    if with_facts:
+        assert results["test/factuality"] == pytest.approx(sum(with_facts) / len(with_facts), abs=1e-5)
+    else:
+        assert "test/factuality" not in results

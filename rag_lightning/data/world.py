@@ -37,6 +37,8 @@ from rag_lightning.data.prepare_data import WORLD_FILE_KEYS, WORLD_MANIFEST
 from rag_lightning.data.readers import Passage
 from rag_lightning.data.world_fever import FILES as FEVER_FILES
 from rag_lightning.data.world_fever import build_claims
+from rag_lightning.data.world_gen import FILES as GEN_FILES
+from rag_lightning.data.world_gen import build_generation_tasks
 from rag_lightning.data.world_sources import (
     City,
     fold,
@@ -58,7 +60,7 @@ from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when templates or split rules change, so cached builds are rebuilt
+FORMAT_VERSION = 3  # bump when templates or split rules change, so cached builds are rebuilt
 SPLITS = ("train", "val", "test", "test_seen")
 CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
 TOKENIZER_DIR = WORLD_FILE_KEYS["generator_tokenizer"]
@@ -102,6 +104,8 @@ class World:
     entities: dict[str, int]  # kind -> count
     dropped: dict[str, int] = field(default_factory=dict)
     fever: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # world_fever's KILT rows per split
+    # the generation tasks' KILT rows (world_gen.py): task -> split -> rows
+    generation: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
 
 def build_key(options: WorldOptions) -> str:
@@ -369,7 +373,8 @@ def build(options: WorldOptions) -> World:
     kinds = Counter(e.kind for e in entities)
     corpus = [p for p, _ in passages]
     fever = build_claims(entities, corpus, splits, options.seed)
-    return World(corpus, splits, {k: kinds[k] for k in KINDS}, dropped, fever)
+    generation = build_generation_tasks(entities, corpus, splits, options.seed)
+    return World(corpus, splits, {k: kinds[k] for k in KINDS}, dropped, fever, generation)
 
 
 # ----------------------------------------------------------------------------- files and manifest
@@ -398,6 +403,10 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
     (out_dir / "fever").mkdir(exist_ok=True)
     for split, rows in world.fever.items():
         _write_jsonl(out_dir / FEVER_FILES[split], rows)
+    for task, by_split in world.generation.items():
+        (out_dir / task).mkdir(exist_ok=True)
+        for split, rows in by_split.items():
+            _write_jsonl(out_dir / GEN_FILES[task][split], rows)
     tok_dir = out_dir / TOKENIZER_DIR
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -426,6 +435,9 @@ def write_world(world: World, out_dir: Path, options: WorldOptions) -> dict[str,
             "fever_claims": {
                 s: dict(sorted(Counter(r["output"][0]["answer"] for r in rows).items()))
                 for s, rows in world.fever.items()
+            },
+            "generation_rows": {
+                task: {s: len(rows) for s, rows in by_split.items()} for task, by_split in world.generation.items()
             },
         },
         "files": {

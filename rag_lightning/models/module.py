@@ -365,15 +365,19 @@ class RagModule(L.LightningModule):
         nll, ret = self.nll(batch, n_docs, "mean")
         self.log(f"{prefix}/loss", nll, batch_size=batch_size, sync_dist=True)
         preds = self.answer(batch, ret)
-        scores = self.task.scores(preds, batch["answers"])
+        scores = self.task.scores(
+            preds, batch["answers"], inputs=batch["questions"], gold_passage_ids=batch["gold_passage_ids"]
+        )
         for name, values in scores.items():
-            self.log(
-                f"{prefix}/{name}",
-                torch.tensor(values).mean(),
-                batch_size=batch_size,
-                sync_dist=True,
-                prog_bar=name == self.task.primary,
-            )
+            known = [v for v in values if v is not None]  # factuality: None where an output states no fact
+            if known:
+                self.log(
+                    f"{prefix}/{name}",
+                    torch.tensor(known).mean(),
+                    batch_size=len(known),
+                    sync_dist=True,
+                    prog_bar=name == self.task.primary,
+                )
         if self.task.needs_corpus_scores:
             kept = self._outputs.setdefault(prefix, ([], []))
             kept[0].extend(preds)
