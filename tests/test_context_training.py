@@ -242,3 +242,76 @@ def _csv_rows(run: Path) -> list[dict]:
     (path,) = (run / "csv").rglob("metrics.csv")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ 2 gloo processes
+def _refresh_worker(rank: int, init_file: str, store_dir: str, index_dir: str, root: str, queries: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    from rag_lightning.config import QuestionEncoderConfig
+    from rag_lightning.models.encoders import build_context_encoder
+    from rag_lightning.retrieval.distributed import DistributedSearch, LazyPassageIndex
+    from rag_lightning.retrieval.retriever import Retriever
+    from rag_lightning.retrieval.store import CorpusStore
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = IndexConfig(type="flat", num_threads=1)
+        index = LazyPassageIndex.open(index_dir, expect={}, cfg=cfg)
+        retriever = Retriever(index, CorpusStore.open(store_dir), max_context_length=64,
+                              searcher=DistributedSearch(index, "sharded", cfg))
+        encoder = build_context_encoder(QuestionEncoderConfig(kind="tiny"))
+        _perturb(encoder)
+        done = refresh(retriever, encoder, root, cfg, step=5)
+        found = retriever.retrieve(queries[rank::2], 3)  # a sharded search of the new index: a collective
+        torch.save({"fingerprint": done.fingerprint, "rows": found.rows, "in_use": retriever.index.manifest["encoder_fingerprint"]},
+                   Path(root).parent / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_encode_their_shares_into_the_single_process_index(context_module, tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    from rag_lightning.config import QuestionEncoderConfig
+    from rag_lightning.models.encoders import build_context_encoder
+
+    s, module, _ = context_module
+    queries = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    ddp_root = tmp_path / "ddp" / "index"
+    mp.spawn(_refresh_worker, args=(str(tmp_path / "init"), s.index.store_dir, s.index.dir, str(ddp_root), queries),
+             nprocs=2, join=True)
+    encoder = build_context_encoder(QuestionEncoderConfig(kind="tiny"))
+    _perturb(encoder)
+    single = refresh(module.retriever, encoder, tmp_path / "single" / "index", s.index, step=5)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] == single.fingerprint
+    assert all(r["in_use"] == single.fingerprint for r in ranks)  # both ranks swapped in the new index
+    ddp_dir = current_index(ddp_root)
+    assert ddp_dir is not None and ddp_dir.name == single.directory.name
+    ddp_vectors, single_vectors = np.load(ddp_dir / "vectors.npy"), np.load(single.directory / "vectors.npy")
+    assert ddp_vectors.shape == single_vectors.shape and np.abs(ddp_vectors - single_vectors).max() <= 1e-5
+    for rank in range(2):
+        assert ranks[rank]["rows"].tolist() == module.retriever.retrieve(queries[rank::2], 3).rows.tolist()
+
+
+def test_ddp_cpu_training_refreshes_the_index_the_single_process_way(
+    tmp_path: Path, rag_train, tiny_overrides, tiny_train_config
+) -> None:
+    """rag-train trainer=ddp_cpu (2 gloo processes): each refresh is encoded in two shares and gathered; the run's
+    last index equals a single-process refresh with the last checkpoint's context encoder."""
+    run = tmp_path / "run"
+    rag_train(tmp_path, *tiny_overrides(tmp_path), "trainer=ddp_cpu", "model.train_context_encoder=true",
+              "model.index_refresh_every_n_steps=1", "model.optim.scheduler=constant", "logger=csv", "test=false",
+              f"run_dir={run}")
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("IndexRefresh")]
+    assert ckpt["global_step"] == 2 and state["refreshes"] == 2  # 8 questions, 2 per rank x 2 ranks
+    s, module, _ = setup(tiny_train_config(tmp_path, "model.train_context_encoder=true"))
+    module.load_state_dict(ckpt["state_dict"])
+    single = refresh(module.retriever, module.context_encoder, tmp_path / "single", s.index, step=2)
+    ddp_dir = current_index(run / "index")
+    assert ddp_dir is not None and ddp_dir.name == single.directory.name  # same step, same weights' fingerprint
+    ddp_vectors, single_vectors = np.load(ddp_dir / "vectors.npy"), np.load(single.directory / "vectors.npy")
+    assert np.abs(ddp_vectors - single_vectors).max() <= 1e-5
