@@ -235,6 +235,16 @@ def test_rag_train_refreshes_every_n_steps_and_resumes_with_the_refreshed_index(
     assert not (tmp_path / "eval" / "index").exists()
     assert (tmp_path / "eval" / "predictions.jsonl").is_file()
 
+    # the index the checkpoint searched is gone: the resumed run re-encodes the corpus with its weights first
+    import shutil
+
+    shutil.rmtree(run / "index")
+    again = cli("rag-train", *args, "ckpt_path=last", "trainer.max_epochs=3", "test=false")
+    assert again.code == 0, again.output[-4000:]
+    assert "the index refreshed at step 4 is gone" in again.output
+    assert "index re-encoded for the resumed checkpoint at step 4" in again.output  # not counted as a refresh
+    assert current_index(run / "index").name.startswith("step0000006-")
+
 
 def _csv_rows(run: Path) -> list[dict]:
     import csv

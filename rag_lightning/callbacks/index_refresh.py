@@ -85,8 +85,9 @@ class IndexRefresh(L.Callback):
     def _record(self, pl_module: Any, done: Refreshed, step: int, count: bool = True) -> None:
         self.in_use = done.fingerprint
         self.refreshes += int(count)
-        log.info("index refresh %d at step %d: %s (encode %.1fs, in all %.1fs)", self.refreshes, step,
-                 done.directory, done.encode_s, done.total_s)
+        what = f"index refresh {self.refreshes}" if count else "index re-encoded for the resumed checkpoint"
+        log.info("%s at step %d: %s (encode %.1fs, in all %.1fs)", what, step, done.directory, done.encode_s,
+                 done.total_s)
         if count:  # from on_train_batch_end, where Lightning takes logged values
             pl_module.log("index/refreshes", float(self.refreshes))
             pl_module.log("index/refresh_s", done.total_s)
