@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.models.encoders import build_context_encoder, encode_texts, encoder_pad_id
@@ -41,6 +42,8 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["model.train_context_encoder=true", "index.progress=false"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = tempfile.mkdtemp(prefix="bench_index_refresh-")  # no Hydra run directory here
     s = sections(cfg)
     retriever = open_retriever(retrieval_spec(s, rebuild_command(cfg)), generator_tokenizer(s.model.generator))
     cached = np.asarray(retriever.index.vectors, dtype=np.float32).copy()
