@@ -271,6 +271,11 @@ class ModelConfig:
     answer_swap_prob: float = 0.0
     # curriculum: for this many training steps a missed gold passage takes the last retrieved slot
     gold_passage_steps: int = 0
+    # train the context encoder too: the retrieved passages are re-encoded in each step, so the doc scores
+    # carry its gradient (off, as in the paper, where the passage side stays fixed)
+    train_context_encoder: bool = False
+    # with train_context_encoder: re-encode the corpus and swap in the new index every N optimizer steps (0: never)
+    index_refresh_every_n_steps: int = 0
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -283,6 +288,16 @@ class ModelConfig:
             _positive(f"{prefix}.eval_n_docs", self.eval_n_docs)
         _at_least(f"{prefix}.question_encoder_warmup_steps", self.question_encoder_warmup_steps, 0)
         _at_least(f"{prefix}.gold_passage_steps", self.gold_passage_steps, 0)
+        _at_least(f"{prefix}.index_refresh_every_n_steps", self.index_refresh_every_n_steps, 0)
+        if self.index_refresh_every_n_steps and not self.train_context_encoder:
+            raise ConfigError(f"{prefix}.index_refresh_every_n_steps={self.index_refresh_every_n_steps} refreshes the "
+                              f"index of a trained context encoder: it needs {prefix}.train_context_encoder=true")
+        if self.train_context_encoder and not self.retrieves:
+            raise ConfigError(f"{prefix}.train_context_encoder=true needs retrieval: mode={Mode(self.mode).value} reads no "
+                              "passages")
+        if self.train_context_encoder and self.freeze_question_encoder:
+            raise ConfigError(f"{prefix}.train_context_encoder=true trains the retriever, "
+                              f"{prefix}.freeze_question_encoder=true freezes it: set one of them to false")
         if self.question_encoder_trainable_layers is not None:
             _positive(f"{prefix}.question_encoder_trainable_layers", self.question_encoder_trainable_layers)
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -518,6 +533,15 @@ def section(schema: type[T], node: Any, key: str) -> T:
     if check is not None:
         check(key)
     return typed  # type: ignore[return-value]
+
+
+def check_context_training(model: ModelConfig, index: IndexConfig) -> None:
+    """`model.train_context_encoder` needs a dense index built by the context encoder it trains."""
+    if model.train_context_encoder and index.type == "bm25":
+        raise ConfigError(
+            "model.train_context_encoder=true trains the context encoder behind a dense index, but index=bm25 "
+            "scores passages without one. Fix: use index=flat (or hnsw, ivfpq), or model.train_context_encoder=false"
+        )
 
 
 def check_corpus_size(model: ModelConfig, corpus_size: int) -> None:

@@ -33,6 +33,7 @@ from rag_lightning.config import (
     PathsConfig,
     QuestionEncoderConfig,
     TaskConfig,
+    check_context_training,
     check_corpus_size,
     check_trainer,
     section,
@@ -119,7 +120,7 @@ def retrieval_spec(s: Sections, command: str, named: tuple[str, ...] = ()):
 
 def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
     from rag_lightning.data.tasks import build_task
-    from rag_lightning.models.encoders import build_question_encoder
+    from rag_lightning.models.encoders import build_context_encoder, build_question_encoder
     from rag_lightning.models.generator import build_generator
     from rag_lightning.models.module import RagModule
 
@@ -131,7 +132,17 @@ def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
         retriever=retriever,
         predictions_dir=s.paths.output_dir,
         task=build_task(s.task, s.data.corpus_file),  # the corpus: factuality's gold passage texts
+        context_encoder=build_context_encoder(s.model.question_encoder) if s.model.train_context_encoder else None,
     )
+
+
+def context_training_callbacks(s: Sections) -> list:
+    """The index refresh of a run that trains its context encoder (model.train_context_encoder), else none."""
+    if not s.model.train_context_encoder:
+        return []
+    from rag_lightning.callbacks.index_refresh import IndexRefresh
+
+    return [IndexRefresh(s.model.index_refresh_every_n_steps, Path(s.paths.output_dir) / "index", s.index)]
 
 
 def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
@@ -171,6 +182,7 @@ def setup(cfg: DictConfig) -> tuple[Sections, Any, Any]:
     from rag_lightning.models.generator import generator_tokenizer as load_generator_tokenizer
 
     s = sections(cfg)
+    check_context_training(s.model, s.index)
     ensure_prepared(s.data)
     generator_tokenizer = load_generator_tokenizer(s.model.generator)
     retriever = None
@@ -333,9 +345,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from rag_lightning.resume import atomic_checkpoint_io
 
         plugins = {} if cfg.trainer.get("plugins") else {"plugins": [atomic_checkpoint_io()]}
-        trainer = build_trainer(
-            cfg.trainer, instantiate_all(cfg.get("callbacks")), instantiate_all(cfg.get("logger")), **plugins
-        )
+        callbacks = instantiate_all(cfg.get("callbacks")) + context_training_callbacks(s)
+        trainer = build_trainer(cfg.trainer, callbacks, instantiate_all(cfg.get("logger")), **plugins)
         log_effective_batch(trainer, s.loader)
         if trainer.is_global_zero:
             from rag_lightning.tracking import log_overrides
@@ -590,9 +601,15 @@ def load_trained(run_cfg: DictConfig, ckpt_path: str, output_dir: str) -> tuple[
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = output_dir
     weights = load_state_dict(ckpt_path)  # a damaged checkpoint stops before the index is opened
-    _, module, datamodule = setup(run_cfg)
+    s, module, datamodule = setup(run_cfg)
     module.load_state_dict(weights)
     module.eval()
+    if module.context_encoder is not None:  # trained: search an index of the checkpoint's context encoder
+        from rag_lightning.retrieval.refresh import use_matching
+
+        run_dir = Path(ckpt_path).resolve().parent.parent
+        roots = [run_dir / "index", run_dir / "index_test", Path(output_dir) / "index"]
+        use_matching(module.retriever, module.context_encoder, roots, s.index, 0)
     return module, datamodule
 
 

@@ -186,3 +186,8 @@ def encode_texts(
         input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
     )
     return out.pooler_output
+
+
+def encoder_pad_id(encoder: torch.nn.Module) -> int:
+    """The padding id of an encoder's inputs (its config's, else 0)."""
+    return int(getattr(getattr(encoder, "config", None), "pad_token_id", None) or 0)

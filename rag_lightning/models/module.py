@@ -25,6 +25,7 @@ from rag_lightning.files import write_text_atomic
 from rag_lightning.models.augment import swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
+from rag_lightning.models.encoders import encode_texts, encoder_pad_id
 from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
 
 
@@ -78,9 +79,14 @@ class RagModule(L.LightningModule):
         predictions_dir: str | None = None,
         sample_table_size: int = 8,
         task: Task | None = None,
+        context_encoder: nn.Module | None = None,
     ) -> None:
+        """``context_encoder``: the passage encoder trained with ``config.train_context_encoder`` (None else)."""
         super().__init__()
         self.question_encoder = question_encoder
+        if config.train_context_encoder and context_encoder is None:
+            raise ValueError("model.train_context_encoder=true needs the context encoder (pipeline.build_module)")
+        self.context_encoder = context_encoder if config.train_context_encoder else None
         self.generator = generator
         self.cfg = config
         self.task = task or Task()  # scores the outputs; the module only computes losses and generates
@@ -93,14 +99,17 @@ class RagModule(L.LightningModule):
         self._predictions: dict[str, list[dict]] = {}  # per test split, written at the end of the test
         self._frozen_vectors: dict[str, torch.Tensor] = {}
         self._bottom_states: dict[str, torch.Tensor] = {}  # per question, when only top layers train
-        if config.question_encoder_trainable_layers is not None:
-            _freeze_question_encoder_bottom(question_encoder, config.question_encoder_trainable_layers)
+        for encoder in (question_encoder, self.context_encoder):
+            if encoder is not None and config.question_encoder_trainable_layers is not None:
+                _freeze_question_encoder_bottom(encoder, config.question_encoder_trainable_layers)
         self.pad_id = generator_tokenizer.pad_token_id
         self.bos_id = generator_tokenizer.bos_token_id
         self.eos_id = generator_tokenizer.eos_token_id
         if config.gradient_checkpointing:
             generator.gradient_checkpointing_enable()
             question_encoder.gradient_checkpointing_enable()
+            if self.context_encoder is not None:
+                self.context_encoder.gradient_checkpointing_enable()
         self.train()  # pretrained weights arrive in eval mode
         # plain types only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"model": json.loads(json.dumps(asdict(config), default=str))})
@@ -184,8 +193,18 @@ class RagModule(L.LightningModule):
             found = self.retriever.retrieve(q.detach(), n_docs)
             if self.training and self.global_step < self.cfg.gold_passage_steps:
                 found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
-            doc_scores = torch.einsum("bd,bkd->bk", q, found.vectors.to(device=q.device, dtype=q.dtype))
+            vectors = self.passage_vectors(found.rows, found.vectors)
+            doc_scores = torch.einsum("bd,bkd->bk", q, vectors.to(device=q.device, dtype=q.dtype))
         return self._contexts(batch, found, q, doc_scores)
+
+    def passage_vectors(self, rows: torch.Tensor, index_vectors: torch.Tensor) -> torch.Tensor:
+        """(B, k, d) vectors of the retrieved ``rows``: re-encoded by the context encoder while it trains (so
+        the doc scores carry its gradient), else the index's ``index_vectors``."""
+        if self.context_encoder is None or self.question_encoder_frozen():
+            return index_vectors
+        ids, mask = self.retriever.passage_inputs(rows, encoder_pad_id(self.context_encoder))
+        device = next(self.context_encoder.parameters()).device
+        return encode_texts(self.context_encoder, ids.to(device), mask.to(device)).reshape(*rows.shape, -1)
 
     def _contexts(self, batch: dict, found: Any, q: torch.Tensor | None, doc_scores: torch.Tensor) -> dict:
         """The retrieval result of a batch with the generator's contexts (q is None for sparse retrieval)."""
@@ -482,8 +501,12 @@ class RagModule(L.LightningModule):
         trains_question_encoder = not self.cfg.freeze_question_encoder and not self.sparse_retrieval
         if trains_question_encoder and self.mode != Mode.closed_book and opt.question_encoder_lr > 0:
             groups += _param_groups(self.question_encoder, opt.question_encoder_lr, opt.weight_decay)
+            if self.context_encoder is not None:  # the retriever's two sides learn at one rate
+                groups += _param_groups(self.context_encoder, opt.question_encoder_lr, opt.weight_decay)
         else:
             self.question_encoder.requires_grad_(False)
+            if self.context_encoder is not None:
+                self.context_encoder.requires_grad_(False)
         optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = _lr_lambda(opt.scheduler, opt.warmup_steps, total)
@@ -500,6 +523,10 @@ class RagModule(L.LightningModule):
             question_tokenizer.save_pretrained(directory / "question_encoder")
         self.generator.save_pretrained(directory / "generator")
         self.tokenizer.save_pretrained(directory / "generator")
+        if self.context_encoder is not None:  # trained too: rag-index with model/question_encoder=path uses it
+            self.context_encoder.save_pretrained(directory / "context_encoder")
+            if question_tokenizer is not None:
+                question_tokenizer.save_pretrained(directory / "context_encoder")
         return directory
 
 

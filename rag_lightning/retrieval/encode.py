@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rag_lightning.files import fingerprint, fingerprint_problem, remove_stale_temporaries, write_json_atomic
-from rag_lightning.models.encoders import encode_texts, encoder_fingerprint
+from rag_lightning.models.encoders import encode_texts, encoder_fingerprint, encoder_pad_id
 from rag_lightning.padding import pad_right
 from rag_lightning.retrieval.store import CorpusStore
 
@@ -131,6 +131,28 @@ def _encode_shard(
     return out
 
 
+def encode_rows(
+    ctx_encoder: torch.nn.Module,
+    store: CorpusStore,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Vectors (stop - start, d) float32 of rows [start, stop), batched as :func:`encode_passages` batches them
+    (so a range of one shard gets the same vectors), in eval mode (no dropout); the mode is restored after."""
+    if stop <= start:
+        raise ValueError(f"rows [{start}, {stop}) hold no passage to encode")
+    was_training = ctx_encoder.training
+    ctx_encoder.eval()
+    try:
+        return _encode_shard(ctx_encoder, store, start, stop, batch_size, torch.device(device),
+                             encoder_pad_id(ctx_encoder), lambda _: None)
+    finally:
+        ctx_encoder.train(was_training)
+
+
 def _join_shards(out_dir: Path, n_shards: int, n: int, dim: int) -> Path:
     """Concatenate the shards into ``vectors.npy`` (written through a memmap, then renamed into place)."""
     tmp = out_dir / (VECTORS_FILE + ".tmp")
@@ -174,7 +196,7 @@ def encode_passages(
     if len(store) == 0:
         raise ValueError(f"the corpus store {store.dir} holds no passages; nothing to encode")
     if pad_id is None:
-        pad_id = int(getattr(getattr(ctx_encoder, "config", None), "pad_token_id", None) or 0)
+        pad_id = encoder_pad_id(ctx_encoder)
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     for stale in (out, out / "shards"):  # half-written files of a killed run (the caller holds the build lock)

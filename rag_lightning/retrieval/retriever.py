@@ -146,6 +146,21 @@ class Retriever:
         flat = np.asarray(self.index.vectors[rows.reshape(-1).numpy()], dtype=np.float32)
         return torch.from_numpy(flat).reshape(*rows.shape, -1)
 
+    def passage_inputs(self, rows: torch.Tensor | Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context encoder's inputs of ``rows`` (flattened): token ids (R, L) from the store, right-padded
+        with ``pad_id``, and their attention mask; for re-encoding passages with a context encoder in training."""
+        flat = torch.as_tensor(rows, dtype=torch.int64).reshape(-1).tolist()
+        return pad_right([self.store.ctx_tokens(int(r)) for r in flat], pad_id)
+
+    def swap_index(self, index: PassageIndex, searcher: Searcher | None = None) -> None:
+        """Search ``index`` from now on (a refreshed index of the same corpus; ``searcher``: its search under
+        DDP, default the index itself). The swap is one assignment each: a search sees the old or the new."""
+        if len(index) != len(self.store):
+            raise IndexStateError(
+                f"the new index holds {len(index)} passages but the corpus store {self.store.dir} holds {len(self.store)}"
+            )
+        self.index, self.searcher = index, searcher if searcher is not None else index
+
     def rows_of(self, passage_ids: Sequence[str]) -> list[int | None]:
         """The store row of each passage id; None for an id outside this corpus."""
         rows: list[int | None] = []
