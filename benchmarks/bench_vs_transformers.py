@@ -705,6 +705,63 @@ def print_part(size: str | None, part: str, value: dict[str, Any]) -> None:
     print(json.dumps(value, indent=2))
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The README / docs tables from a results file (``--markdown``)."""
+    lines: list[str] = []
+    train = {size: data[size]["train"] for size in SIZES if "train" in data.get(size, {})}
+    memory = {size: data[size]["memory"]["result"] for size in SIZES if "memory" in data.get(size, {})}
+    if train:
+        lines += ["| size | ours samples/s | transformers, default (300) | ratio | transformers, equal padding | ratio "
+                  "| ours peak RSS | transformers peak RSS | steps | recorded |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        for size, entry in train.items():
+            r = entry["result"]
+            sides = r["sides"]
+            mem = memory.get(size)
+            rss = (f"{mem['ours']['peak_rss_bytes'] / 2**30:.2f} GiB", f"{mem['transformers']['peak_rss_bytes'] / 2**30:.2f} GiB") if mem else ("-", "-")
+            lines.append(
+                f"| {size} | {sides['ours']['samples_per_s']:.2f} | "
+                f"{sides['transformers, default padding (300)']['samples_per_s']:.2f} | {r['ratio_vs_default']:.2f}x | "
+                f"{sides['transformers, equal padding']['samples_per_s']:.2f} | {r['ratio_vs_equal']:.2f}x | {rss[0]} | "
+                f"{rss[1]} | {r['steps']} | {entry['recorded'][:10]} |"
+            )  # fmt: skip
+        for size, entry in train.items():
+            r = entry["result"]
+            names = [k for k in r if k.startswith("profile")]
+            lines += ["", f"Profile at {size} size (ms per step, share of the step):", "",
+                      "| " + " | ".join(["piece", *[n.removeprefix("profile").strip(" _") or "ours" for n in names]]) + " |",
+                      "|---" + "|---:" * len(names) + "|"]  # fmt: skip
+            pieces = list(dict.fromkeys(p for n in names for p in r[n]))
+            for piece in pieces:
+                cells = [f"{r[n][piece]['ms']:.1f} ({100 * r[n][piece]['share']:.1f} %)" if piece in r[n] else "" for n in names]
+                lines.append(f"| {piece} | " + " | ".join(cells) + " |")
+    gen = {size: data[size]["generate"] for size in SIZES if "generate" in data.get(size, {})}
+    if gen:
+        lines += ["", "| size | decoding | ours questions/s | transformers questions/s | ratio | recorded |",
+                  "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for size, entry in gen.items():
+            for name, r in entry["result"].items():
+                if name == "setup":
+                    continue
+                lines.append(f"| {size} | {name} | {r['ours_q_per_s']:.2f} | {r['transformers_q_per_s']:.2f} | "
+                             f"{r['ratio']:.2f}x | {entry['recorded'][:10]} |")  # fmt: skip
+    if "encode" in data:
+        r = data["encode"]["result"]
+        lines += ["", "| passages | batch | max length | rag-index passages/s | sentence-transformers passages/s | ratio "
+                  "| max abs vector diff | recorded |", "|---:|---:|---:|---:|---:|---:|---:|---|",
+                  f"| {r['passages']} | {r['batch_size']} | {r['max_length']} | {r['ours_passages_per_s']:.1f} | "
+                  f"{r['sentence_transformers_passages_per_s']:.1f} | {r['ratio']:.2f}x | {r['vectors_max_abs_diff']:.1e} "
+                  f"| {data['encode']['recorded'][:10]} |"]  # fmt: skip
+    checks = [(size, data[size]["checks"]) for size in SIZES if "checks" in data.get(size, {})]
+    if checks:
+        lines += ["", "| size | check | passed | max abs diff |", "|---|---|:---:|---:|"]
+        for size, entry in checks:
+            for name, c in entry["result"].items():
+                diff = f"{c['max_abs_diff']:.1e}" if "max_abs_diff" in c else ""
+                lines.append(f"| {size} | {name} | {'yes' if c['ok'] else 'NO'} | {diff} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny, 2,000 passages, few steps")
@@ -724,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--world", type=Path, default=WORLD, help="a prepared world data directory (rag-prepare)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/vs_transformers_cpu.json")
+    parser.add_argument("--markdown", action="store_true", help="print the results file's tables and exit")
     parser.add_argument("--memory-side", choices=["ours", "transformers"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -731,6 +789,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.sizes, args.passages, args.questions = ["tiny"], 2000, 32
         args.steps, args.warmup, args.encode_passages, args.encode_rounds = 3, 1, 64, 1
         args.out = args.out or RESULTS / "vs_transformers_quick.json"
+    if args.markdown:
+        print(markdown(json.loads((args.out or RESULTS / "vs_transformers_cpu.json").read_text())))
+        return 0
     if args.memory_side:
         memory_side(args)
         return 0
