@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rag_lightning.config import DataConfig, WorldOptions
 from rag_lightning.data.gen_tokenizer import train_generator_tokenizer
@@ -26,6 +26,7 @@ from rag_lightning.data.readers import ReadReport, iter_corpus, iter_qa
 from rag_lightning.errors import UserError
 from rag_lightning.files import write_json_atomic
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # what the world builder writes into data.dir (the builder itself, and the packages it reads facts from,
@@ -123,10 +124,16 @@ def _build_world_atomically(out_dir: Path, options: WorldOptions) -> dict[str, A
         )
     from rag_lightning.data import world
 
+    return build_directory_atomically(out_dir, lambda tmp: world.build_world(tmp, options))
+
+
+def build_directory_atomically(out_dir: Path, build: Callable[[Path], T]) -> T:
+    """``build`` writes a whole directory beside ``out_dir``, which replaces it only once complete: an
+    interrupted build leaves the previous directory (or none) in place, never half a data set."""
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = world.build_world(tmp, options)
+        result = build(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
@@ -134,7 +141,7 @@ def _build_world_atomically(out_dir: Path, options: WorldOptions) -> dict[str, A
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    return result
 
 
 def _check_world_paths(cfg: DataConfig, out_dir: Path) -> None:

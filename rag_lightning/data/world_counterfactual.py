@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,6 +38,7 @@ from rag_lightning.data.prepare_data import (
     _check_world_paths,
     _ensure_world,
     _is_current,
+    build_directory_atomically,
     read_manifest,
 )
 from rag_lightning.files import sha256_file
@@ -310,17 +309,9 @@ def ensure_counterfactual(data: DataConfig) -> dict[str, Any]:
                 "Fix: point data.dir at a new or empty directory"
             )
         log.info("building the counterfactual world into %s from %s", out_dir, source["dir"])
-        tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            manifest = build_counterfactual(Path(source["dir"]), tmp, data.counterfactual)
-            if out_dir.exists():
-                old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-                shutil.rmtree(old)
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = build_directory_atomically(
+            out_dir, lambda tmp: build_counterfactual(Path(source["dir"]), tmp, data.counterfactual)
+        )
         status = "built"
     _check_world_paths(data, out_dir)
     return {**manifest, "dir": str(out_dir.resolve()), "status": status}
