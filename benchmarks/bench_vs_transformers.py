@@ -699,6 +699,8 @@ def print_part(size: str | None, part: str, value: dict[str, Any]) -> None:
         return
     if part == "generate":
         for name, r in value.items():
+            if name == "setup":  # the sizes and settings, not a decoder
+                continue
             print(f"{name:70s} ours {r['ours_q_per_s']:8.3f} q/s  transformers {r['transformers_q_per_s']:8.3f} q/s  "
                   f"{r['ratio']:.2f}x")  # fmt: skip
         return
