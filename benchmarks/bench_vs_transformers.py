@@ -460,12 +460,19 @@ def run_checks(s: Setup, new_tokens: int = 8, beams: int = 4) -> dict[str, Any]:
     return out
 
 
+def our_optimizer(s: Setup, lr: float) -> torch.optim.Optimizer:
+    """The optimizer `rag-train` builds (RagModule.build_optimizer: AdamW, fused where it runs), at the bench's
+    learning rate; transformers' side gets the plain AdamW of its finetune_rag example."""
+    s.module.cfg.optim.lr = s.module.cfg.optim.question_encoder_lr = lr
+    return s.module.build_optimizer()
+
+
 def run_train(s: Setup, steps: int, warmup: int, lr: float = 1e-5) -> dict[str, Any]:
     """Alternating A/B training steps; samples/s per side, ratios, our profile and transformers' breakdown."""
     widths = our_context_widths(s)
     ours_timers, hf_timers = install_profile(s)
     sides: dict[str, tuple[Callable[[dict], float], Timers]] = {}
-    ours_opt = torch.optim.AdamW(s.module.parameters(), lr=lr)
+    ours_opt = our_optimizer(s, lr)
     hf_opt = torch.optim.AdamW(s.hf_token.parameters(), lr=lr)
     s.module.train()
     s.hf_token.train()
@@ -579,7 +586,8 @@ def run_encode(workdir: Path, world: Path, n: int, batch_size: int, max_length: 
     """rag-index's encoder (encode_passages over the corpus store) vs sentence-transformers' encode with the same
     MiniLM weights, CLS pooling and no normalisation (DPR's vector), same batch size and max length; the two
     alternate ``rounds`` times over the same passages, and every vector is compared."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
 
     gen_tok = load_generator_tokenizer(world / "generator_tokenizer")
     q_tok = BertTokenizerFast.from_pretrained(str(minilm_dir()), local_files_only=True)
@@ -587,7 +595,7 @@ def run_encode(workdir: Path, world: Path, n: int, batch_size: int, max_length: 
     store = CorpusStore.build(corpus, gen_tok, q_tok, workdir / "encode_store", ctx_max_length=max_length)
     encoder = build_context_encoder(QuestionEncoderConfig(kind="minilm", ctx_max_length=max_length))
     word = models.Transformer(str(minilm_dir()), max_seq_length=max_length)
-    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="cls")
+    pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode="cls")
     st = SentenceTransformer(modules=[word, pooling], device="cpu")
     # "[SEP]" in the text is WordPiece's special token: the same ids as our pair encoding ([CLS] t [SEP] x [SEP])
     texts = [f"{p.title} [SEP] {p.text}" for p in corpus]
@@ -641,7 +649,7 @@ def memory_side(args: argparse.Namespace) -> None:
                         batch_size=args.batch, n_docs=args.n_docs, context_length=args.context_length,
                         workdir=Path(tmp), sides=(side,))  # fmt: skip
         if side == "ours":
-            opt = torch.optim.AdamW(s.module.parameters(), lr=1e-5)
+            opt = our_optimizer(s, 1e-5)
             s.module.train()
             before = peak_rss_bytes()
             our_step(s, opt, Timers())(s.batches[0])

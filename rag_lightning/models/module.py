@@ -496,6 +496,14 @@ class RagModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
+        optimizer = self.build_optimizer()
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = _lr_lambda(self.cfg.optim.scheduler, self.cfg.optim.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over what trains (``model.optim``); freezes the retriever's side where it does not train."""
         opt = self.cfg.optim
         groups = _param_groups(self.generator, opt.lr, opt.weight_decay)
         trains_question_encoder = not self.cfg.freeze_question_encoder and not self.sparse_retrieval
@@ -507,11 +515,9 @@ class RagModule(L.LightningModule):
             self.question_encoder.requires_grad_(False)
             if self.context_encoder is not None:
                 self.context_encoder.requires_grad_(False)
-        optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = _lr_lambda(opt.scheduler, opt.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        precision = str(getattr(self._trainer, "precision", "32-true"))  # no trainer: a direct call
+        fused = _use_fused(opt.fused, groups, precision)
+        return torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps, fused=fused)
 
     # ---------------------------------------------------------------- export
     def export_pretrained(self, directory: str | Path, question_tokenizer: Any = None) -> Path:
@@ -540,6 +546,18 @@ def _freeze_question_encoder_bottom(encoder: nn.Module, n_top: int) -> None:
         raise ConfigError(
             f"model.question_encoder_{err} for this question encoder (null trains every layer and the embeddings)"
         ) from None
+
+
+def _use_fused(choice: bool | None, groups: list[dict], precision: str) -> bool:
+    """``model.optim.fused``: null picks the fused AdamW kernel wherever it runs and Lightning can clip with it
+    (not under fp16 loss scaling, whose unscaling a fused step does itself)."""
+    params = [p for g in groups for p in g["params"]]
+    supported = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    if choice is None:
+        return supported and bool(params) and not precision.startswith("16")
+    if choice and not supported:
+        raise ConfigError("model.optim.fused=true needs every trained weight on cpu or cuda; set it to null or false")
+    return choice
 
 
 def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
