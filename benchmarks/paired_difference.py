@@ -1,0 +1,107 @@
+"""Is run A better than run B on the same questions by more than chance? Paired differences of per-question metrics.
+
+    python benchmarks/paired_difference.py RUN_A/predictions_test.jsonl RUN_B/predictions_test.jsonl
+    python benchmarks/paired_difference.py A.jsonl B.jsonl --metrics rougeL factuality em --group-by turns
+
+Reads two prediction files of one split (``rag-train`` / ``rag-eval`` write them, one JSON record per question with
+its per-question metrics), pairs the records by id, and prints for each metric: A's and B's mean, the mean
+difference, its standard error (standard deviation of the paired differences over sqrt(n)) and the difference in
+standard errors. Records whose metric is null (e.g. factuality of a sentence that states no fact) are left out of
+that metric's pairs. ``--group-by FIELD`` also splits the means by a field of the records (or of their ``meta``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def read(path: Path) -> dict[str, dict[str, Any]]:
+    records = {}
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"{path}:{line_no}: not JSON ({err.msg})") from None
+                records[str(record["id"])] = record
+    return records
+
+
+def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict[str, float] | None:
+    pairs = [
+        (float(a[i][metric]), float(b[i][metric]))
+        for i in a.keys() & b.keys()
+        if a[i].get(metric) is not None and b[i].get(metric) is not None
+    ]
+    if len(pairs) < 2:
+        return None
+    n = len(pairs)
+    diffs = [x - y for x, y in pairs]
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    se = sd / math.sqrt(n)
+    return {
+        "n": n,
+        "a": sum(x for x, _ in pairs) / n,
+        "b": sum(y for _, y in pairs) / n,
+        "diff": mean,
+        "se": se,
+        "z": mean / se if se else math.inf,
+    }
+
+
+def field(record: dict, name: str) -> Any:
+    return record.get(name, (record.get("meta") or {}).get(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    parser.add_argument("--metrics", nargs="+", default=None, help="default: every numeric per-question metric")
+    parser.add_argument("--group-by", default=None, help="also split A's and B's means by this record field")
+    parser.add_argument("--json", type=Path, default=None, help="write the numbers here too")
+    args = parser.parse_args(argv)
+    a, b = read(args.a), read(args.b)
+    common = a.keys() & b.keys()
+    if not common:
+        print(f"no question ids in common between {args.a} and {args.b}", file=sys.stderr)
+        return 2
+    sample = a[next(iter(common))]
+    metrics = args.metrics or [k for k, v in sample.items() if isinstance(v, (int, float)) and k != "id"]
+    out: dict[str, Any] = {"a": str(args.a), "b": str(args.b), "questions": len(common), "metrics": {}}
+    print(f"{len(common)} questions in both; A = {args.a}, B = {args.b}")
+    print(f"{'metric':16s} {'n':>5s} {'A':>8s} {'B':>8s} {'A - B':>8s} {'SE':>7s} {'z':>6s}")
+    for m in metrics:
+        r = paired(a, b, m)
+        if r is None:
+            continue
+        out["metrics"][m] = r
+        print(f"{m:16s} {r['n']:5d} {r['a']:8.3f} {r['b']:8.3f} {r['diff']:8.3f} {r['se']:7.3f} {r['z']:6.1f}")
+    if args.group_by:
+        groups: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for i in common:
+            groups[str(field(a[i], args.group_by))]["ids"].append(i)
+        out["groups"] = {}
+        for g, v in sorted(groups.items()):
+            sub_a, sub_b = {i: a[i] for i in v["ids"]}, {i: b[i] for i in v["ids"]}
+            row = {m: paired(sub_a, sub_b, m) for m in metrics}
+            out["groups"][g] = row
+            cells = ", ".join(f"{m} A {r['a']:.3f} / B {r['b']:.3f}" for m, r in row.items() if r)
+            print(f"{args.group_by}={g} ({len(v['ids'])}): {cells}")
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""benchmarks/paired_difference.py, run as a user runs it, on hand-worked prediction files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_difference.py"
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_paired_means_difference_and_standard_error_by_hand(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [
+        {"id": "q1", "em": 1.0, "factuality": 1.0, "meta": {"turns": 1}},
+        {"id": "q2", "em": 1.0, "factuality": None, "meta": {"turns": 2}},
+        {"id": "q3", "em": 0.0, "factuality": 0.5, "meta": {"turns": 2}},
+        {"id": "only-a", "em": 1.0, "factuality": 1.0, "meta": {"turns": 1}},
+    ])  # fmt: skip
+    b = _write(tmp_path / "b.jsonl", [
+        {"id": "q3", "em": 0.0, "factuality": 0.0},
+        {"id": "q1", "em": 0.0, "factuality": 0.0},
+        {"id": "q2", "em": 0.0, "factuality": 1.0},
+    ])  # fmt: skip
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(a), str(b), "--group-by", "turns", "--json", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["questions"] == 3
+    em = result["metrics"]["em"]  # differences 1, 1, 0: mean 2/3, sd sqrt(1/3), se sqrt(1/3)/sqrt(3) = 1/3
+    assert em["n"] == 3 and abs(em["diff"] - 2 / 3) < 1e-9 and abs(em["se"] - 1 / 3) < 1e-9
+    fact = result["metrics"]["factuality"]  # q2 is null in A: pairs q1 (1 - 0) and q3 (0.5 - 0)
+    assert fact["n"] == 2 and abs(fact["diff"] - 0.75) < 1e-9
+    assert abs(result["groups"]["2"]["em"]["a"] - 0.5) < 1e-9 and result["groups"]["1"]["em"] is None
+    assert "em" in proc.stdout and "3 questions in both" in proc.stdout
+
+
+def test_files_with_no_common_question_are_refused(tmp_path):
+    a = _write(tmp_path / "a.jsonl", [{"id": "x", "em": 1.0}])
+    b = _write(tmp_path / "b.jsonl", [{"id": "y", "em": 1.0}])
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(a), str(b)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no question ids in common" in proc.stderr
