@@ -13,7 +13,9 @@ Split rules, so that val/test measure generalisation to unseen entities:
   question (train "In which country is the city of Tokyo?" while val asks "What is the largest city of
   Japan?") is dropped from train, so a held-out fact is never learnt through its inverse;
 - a question text produced by two different facts (two cities called Kingston) is dropped everywhere;
-- ``test_seen`` asks about train entities with the one phrasing per relation that train never uses.
+- ``test_seen`` asks about train entities with the one phrasing per relation that train never uses;
+- train asks each fact in ``train_phrasings`` of its relation's nine training phrasings, drawn per fact;
+  val and test ask with one of the relation's three original phrasings (world_templates.ORIGINAL_PHRASINGS).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from rag_lightning.data.world_sources import (
     source_versions,
 )
 from rag_lightning.data.world_templates import (
+    ORIGINAL_PHRASINGS,
+    ORIGINAL_TRAINING_PHRASINGS,
     QUESTIONS,
     Entity,
     Fact,
@@ -60,7 +64,7 @@ from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when templates or split rules change, so cached builds are rebuilt
+FORMAT_VERSION = 4  # bump when templates or split rules change, so cached builds are rebuilt
 SPLITS = ("train", "val", "test", "test_seen")
 CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
 TOKENIZER_DIR = WORLD_FILE_KEYS["generator_tokenizer"]
@@ -242,8 +246,8 @@ def _candidates(
     seed: int,
     train_phrasings: int = 1,
 ) -> dict[str, list[_Candidate]]:
-    """One question per fact (``train_phrasings`` for train): train uses training phrasings, test_seen the
-    held-out one, val/test any."""
+    """One question per fact (``train_phrasings`` for train): train uses that many of the training phrasings
+    (drawn per fact), test_seen the held-out one, val/test one of the three original phrasings."""
     rng = random.Random(f"{seed}-phrasing")
     names = entity_names(entities)
     out: dict[str, list[_Candidate]] = defaultdict(list)
@@ -257,13 +261,16 @@ def _candidates(
             gold = _gold(fact, entity, located)
             objects = fact_objects(fact, entity, names)
             if split == "train":
-                # one draw per fact whatever train_phrasings is, so val and test stay the same questions
-                first = rng.randrange(len(phrasings) - 1)
-                others = [k for k in range(len(phrasings) - 1) if k != first]
-                ks = sorted([first, *others[: train_phrasings - 1]])
+                # the shared stream draws once per train fact over the phrasings every relation started with,
+                # whatever train_phrasings is, so val and test stay the questions earlier results were measured
+                # on; the fact's own stream picks its training phrasings
+                rng.randrange(ORIGINAL_TRAINING_PHRASINGS)
+                own = random.Random(f"{seed}-phrasing-{entity.id}.{fact.relation}.{index}")
+                ks = sorted(own.sample(range(len(phrasings) - 1), train_phrasings))
                 choices = [("train", k) for k in ks] + [("test_seen", len(phrasings) - 1)]
             else:
-                choices = [(split, rng.randrange(len(phrasings)))]
+                original = ORIGINAL_PHRASINGS[rng.randrange(len(ORIGINAL_PHRASINGS))]
+                choices = [(split, original % len(phrasings))]
             for target, k in choices:
                 q = Question(
                     id=f"{entity.id}.{fact.relation}.{index}.p{k}",

@@ -237,7 +237,7 @@ def referring_question(entity: Entity, fact: Fact, phrasing: int) -> str | None:
     if "{name}" not in template:
         return None
     text = template.format(**{**fact.slots, "name": f"that {KIND_WORD[entity.kind]}"})
-    return f"And {text[:1].lower()}{text[1:]}"
+    return f"And {text}" if text.startswith("I ") else f"And {text[:1].lower()}{text[1:]}"
 
 
 def _phrasing(question_id: str) -> int:
