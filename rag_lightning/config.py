@@ -273,6 +273,9 @@ class ModelConfig:
     retrieval_loss_weight: float = 0.0
     # training-time augmentation: swap answers between examples in contexts and targets (models/augment.py)
     answer_swap_prob: float = 0.0
+    # training-time augmentation: each question token of the generator's contexts becomes <mask> with this
+    # probability (one draw per question, shared by its passages; the retriever's question is untouched)
+    question_word_dropout: float = 0.0
     # curriculum: for this many training steps a missed gold passage takes the last retrieved slot
     gold_passage_steps: int = 0
     # train the context encoder too: the retrieved passages are re-encoded in each step, so the doc scores
@@ -310,6 +313,9 @@ class ModelConfig:
         _at_least(f"{prefix}.retrieval_loss_weight", self.retrieval_loss_weight, 0.0)
         if not 0.0 <= self.answer_swap_prob <= 1.0:
             raise ConfigError(f"{prefix}.answer_swap_prob={self.answer_swap_prob} must be in [0, 1]")
+        if not 0.0 <= self.question_word_dropout < 1.0:
+            raise ConfigError(f"{prefix}.question_word_dropout={self.question_word_dropout} must be in [0, 1): "
+                              "at 1 no question word would be left")
         self.optim.check(f"{prefix}.optim")
         self.decoding.check(f"{prefix}.decoding")
         self.question_encoder.check(f"{prefix}.question_encoder")

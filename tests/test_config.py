@@ -44,6 +44,8 @@ def test_valid_config_is_typed():
         ({"optim": {"lr": "fast"}}, "model.optim.lr"),
         ({"decoding": {"num_beams": 0}}, "model.decoding.num_beams"),
         ({"gold_passage_steps": -1}, "model.gold_passage_steps"),
+        ({"question_word_dropout": 1.0}, "model.question_word_dropout"),
+        ({"question_word_dropout": -0.1}, "model.question_word_dropout"),
         ({"question_encoder": {"kind": "bert"}}, "model.question_encoder.kind"),
         ({"generator": {"kind": "random", "tokenizer": "x", "question_match": True}}, "model.generator.question_match"),
         ({"generator": {"kind": "pretrained"}}, "model.generator.name_or_path"),

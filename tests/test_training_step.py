@@ -285,3 +285,38 @@ def test_fused_true_on_weights_it_cannot_run_on_is_refused_naming_the_key():
     assert _use_fused(None, groups, "32-true") is False
     with pytest.raises(ConfigError, match="model.optim.fused"):
         _use_fused(True, groups, "32-true")
+
+
+def test_question_word_dropout_masks_the_question_in_training_contexts_only(tiny_module):
+    """model.question_word_dropout: in training each question token of the generator's contexts becomes
+    <mask> at random, the same tokens in all of a question's contexts; the passages, the retriever's question
+    and every evaluation context are untouched, and the run's seed decides the draw."""
+    module, batch = tiny_module("model.question_word_dropout=0.5", "model.gold_passage_steps=0")
+    module.eval()
+    k, mask_id = module.cfg.n_docs, module.tokenizer.mask_token_id
+    questions = _question_ids(batch)
+    plain_ret = module.retrieve(batch, k)
+    evaluated = plain_ret["context_input_ids"]
+    module.training = True  # the module's own switch only: encoders and generator stay without dropout
+    torch.manual_seed(3)
+    trained = module.retrieve(batch, k)
+    assert torch.equal(trained["rows"], plain_ret["rows"])  # the retriever read the whole question
+    torch.testing.assert_close(trained["doc_scores"], plain_ret["doc_scores"])
+    torch.manual_seed(3)
+    assert torch.equal(module.retrieve(batch, k)["context_input_ids"], trained["context_input_ids"])
+    torch.manual_seed(4)
+    assert not torch.equal(module.retrieve(batch, k)["context_input_ids"], trained["context_input_ids"])
+    masked = 0
+    for b, question in enumerate(questions):
+        n = len(question)  # question_first: <s>, the question, the separator, the passage
+        rows = [trained["context_input_ids"][b * k + j].tolist() for j in range(k)]
+        assert all(row[1 : n + 1] == rows[0][1 : n + 1] for row in rows)  # one draw per question
+        assert all(t in (q, mask_id) for t, q in zip(rows[0][1 : n + 1], question))
+        masked += sum(t == mask_id for t in rows[0][1 : n + 1])
+        for j, row in enumerate(rows):
+            plain = evaluated[b * k + j].tolist()
+            assert plain[1 : n + 1] == question and row[n + 1 :] == plain[n + 1 :]  # passages untouched
+    assert 0 < masked < sum(map(len, questions))
+    module.training = False
+    assert torch.equal(module.retrieve(batch, k)["context_input_ids"], evaluated)  # eval never masks
+    assert mask_id not in evaluated.tolist()[0]

@@ -1,9 +1,14 @@
-"""Answer swapping: a training-time augmentation that makes memorising answers useless.
+"""Training-time augmentations of the generator's inputs, done on token ids (nothing is decoded or re-tokenised).
 
-For an example whose answer occurs in its retrieved contexts, the answer tokens are replaced, in every
-context and in the target, by another example's answer. The generator can then only be right by reading
-(copying) the passage, never by recalling what it saw for the same question before.  Everything is done
-on token ids: no string is decoded or re-tokenised.
+Answer swapping makes memorising answers useless: for an example whose answer occurs in its retrieved
+contexts, the answer tokens are replaced, in every context and in the target, by another example's answer.
+The generator can then only be right by reading (copying) the passage, never by recalling what it saw for
+the same question before.
+
+Question-word dropout makes the reader lean on the passage and on what is left of the question rather than
+on the exact template words it was trained on: each question token is masked at random before the contexts
+are built, so a question that names its relation in other words (a synonym, a description) looks less
+foreign at test time.
 """
 
 from __future__ import annotations
@@ -76,3 +81,31 @@ def swap_answers(
     decoder_input_ids, _ = pad_right([[decoder_start_id] + t[:-1] for t in targets], pad_id)
     return ctx_ids, ctx_mask, new_labels, decoder_input_ids
 
+
+
+def drop_question_words(
+    questions: list[list[int]],
+    *,
+    prob: float,
+    mask_id: int | None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Each token of each question replaced by ``mask_id`` with probability ``prob`` (removed where the
+    tokenizer has no mask token, ``mask_id`` None).
+
+    Called on the question token ids before the contexts are built, so a question's copies in its k
+    contexts get the same mask (one draw per question) and passage tokens are never touched.  The draws
+    come from ``generator`` (the global torch generator, seeded by the run's seed, when None).
+    """
+    if prob <= 0 or not questions:
+        return [list(q) for q in questions]
+    draws = torch.rand(sum(len(q) for q in questions), generator=generator).lt(prob).tolist()
+    out, start = [], 0
+    for question in questions:
+        dropped = draws[start : start + len(question)]
+        start += len(question)
+        if mask_id is None:
+            out.append([t for t, d in zip(question, dropped, strict=True) if not d])
+        else:
+            out.append([mask_id if d else t for t, d in zip(question, dropped, strict=True)])
+    return out

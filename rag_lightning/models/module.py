@@ -22,7 +22,7 @@ from rag_lightning.config import ConfigError, Mode, ModelConfig
 from rag_lightning.data.tasks import Task
 from rag_lightning.errors import UserError
 from rag_lightning.files import write_text_atomic
-from rag_lightning.models.augment import swap_answers
+from rag_lightning.models.augment import drop_question_words, swap_answers
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
 from rag_lightning.models.encoders import encode_texts, encoder_pad_id
@@ -210,6 +210,9 @@ class RagModule(L.LightningModule):
         """The retrieval result of a batch with the generator's contexts (q is None for sparse retrieval)."""
         lengths = batch["question_generator_mask"].sum(dim=1).tolist()
         question_ids = [row[:n].tolist() for row, n in zip(batch["question_generator_ids"], lengths)]
+        if self.training and self.cfg.question_word_dropout > 0:  # the generator's copy only, never in eval
+            mask_id = getattr(self.tokenizer, "mask_token_id", None)
+            question_ids = drop_question_words(question_ids, prob=self.cfg.question_word_dropout, mask_id=mask_id)
         ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
         return {
             "question_vectors": q,
