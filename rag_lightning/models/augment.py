@@ -82,7 +82,6 @@ def swap_answers(
     return ctx_ids, ctx_mask, new_labels, decoder_input_ids
 
 
-
 def drop_question_words(
     questions: list[list[int]],
     *,
