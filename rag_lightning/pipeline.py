@@ -104,7 +104,7 @@ def rebuild_command(cfg: DictConfig) -> str:
     kept = [o for o in job_overrides(cfg) if o.lstrip("+~").startswith(INDEX_OVERRIDE_PREFIXES)]
     chosen = [
         f"data={cfg.data.name}",
-        f"index={cfg.index.type}",
+        "index=hybrid" if cfg.index.get("hybrid") and cfg.index.type == "flat" else f"index={cfg.index.type}",
         f"model/question_encoder={cfg.model.question_encoder.kind}",
     ]
     groups = {o.split("=", 1)[0] for o in kept}
@@ -579,7 +579,9 @@ def swap_index(saved: DictConfig, cfg: DictConfig, named: list[str]) -> DictConf
             cfg.index.store_dir,
             cfg.index.dir,
         )
-    cfg[NAMED_INDEX_KEY] = [k for k in named if k in ("store_dir", "dir")]
+        if saved.index.get("bm25_dir") and "bm25_dir" not in named:  # hybrid: derived beside the new index.dir
+            cfg.index.bm25_dir = ""
+    cfg[NAMED_INDEX_KEY] = [k for k in named if k in ("store_dir", "dir", "bm25_dir")]
     return cfg
 
 
