@@ -710,4 +710,13 @@ def index(cfg: DictConfig) -> dict[str, str]:
         )
     spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
     store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer), full_check=True)
-    return describe(store.dir, index_dir)
+    described = describe(store.dir, index_dir)
+    if index_cfg.hybrid:  # index=hybrid: the BM25 index beside the dense one
+        from rag_lightning.retrieval.build import bm25_dir
+
+        bm25 = describe(store.dir, bm25_dir(spec))
+        described["hybrid"] = (f"dense + {bm25['index']} ngram={index_cfg.bm25_ngram} "
+                               f"min_word_chars={index_cfg.bm25_min_word_chars}, weight {index_cfg.hybrid_bm25_weight} "
+                               f"(norm {index_cfg.hybrid_bm25_norm}), {index_cfg.hybrid_candidates} candidates each")
+        described["bm25 dir"] = bm25["index dir"]
+    return described

@@ -3,6 +3,7 @@ BM25 word pairs and one-character words; the config keys' errors; `index=hybrid`
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_pa
     assert s.index.type == "flat" and s.index.hybrid and module.retriever.hybrid is not None
     assert not module.retriever.sparse
     spec = RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir)
-    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25"
+    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25-ngram2-chars1"
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
@@ -172,3 +173,34 @@ def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_pa
     assert torch.equal(ret["rows"], expected.rows)
     torch.testing.assert_close(ret["doc_scores"].detach(), expected.scores, rtol=0, atol=1e-4)
     assert ret["doc_scores"].requires_grad
+
+
+def test_the_dense_side_goes_through_the_searcher_so_ddp_shards_serve_hybrid_too(parts) -> None:
+    """Under DDP the searcher is the collective DistributedSearch: hybrid retrieval must call it exactly once
+    per retrieve on every rank (BM25 is read whole by each rank)."""
+    store, dense, bm25, q = parts
+    calls = []
+
+    class Recording:
+        def search(self, queries, k):
+            calls.append(k)
+            return dense.search(queries, k)
+
+    retriever = Retriever(dense, store, max_context_length=64, searcher=Recording(),
+                          hybrid=HybridScoring(bm25, 100.0, 4))
+    found = retriever.retrieve(q, 3, questions=[QUESTION])
+    assert calls == [4] and found.rows[0, 0] == TARGET
+
+
+def test_rag_index_index_hybrid_builds_both_indexes_and_says_so(cli, tmp_path, tiny_world) -> None:
+    files = {key: tiny_world[key] for key in ("corpus", "train", "val", "test")}
+    overrides = ["data=jsonl", f"data.dir={tmp_path / 'data'}", *(f"data.{k}_file={v}" for k, v in files.items()),
+                 "data.tokenizer.vocab_size=300", f"paths.cache_dir={tmp_path / 'cache'}",
+                 "model/question_encoder=tiny", "index.progress=false"]  # test_cli's index_overrides
+    run = cli("rag-index", *overrides, "index=hybrid", f"hydra.run.dir={tmp_path / 'r'}")
+    assert run.code == 0, run.output[-3000:]
+    indexes = tmp_path / "cache" / "indexes"
+    assert (indexes / "jsonl-tiny-flat" / "index_manifest.json").is_file()  # index=flat's own directory
+    manifest = json.loads((indexes / "jsonl-bm25-ngram2-chars1" / MANIFEST_FILE).read_text())
+    assert manifest["ngram"] == 2 and manifest["min_word_chars"] == 1 and manifest["passages"] == 24
+    assert "dense + bm25" in run.out and "weight 7.0 (norm none), 20 candidates each" in run.out

@@ -14,8 +14,8 @@ at the end, the question is the first thing lost).
 
 Hybrid retrieval (``index.hybrid=true``, :class:`HybridScoring`): the dense index and a BM25 index of the same
 store. Candidates are the dense top-m and the BM25 top-m of each question; each is scored
-``q·d + w * BM25(question, d) / max_d' BM25(question, d')`` (q·d exact, from the stored passage vectors), and
-the best k are returned. The BM25 part is a constant per (question, passage) (:attr:`Retrieved.lexical`): the
+``q·d + w * BM25(question, d)`` (q·d exact, from the stored passage vectors; BM25 optionally divided by the
+question's best BM25 score), and the best k are returned. The BM25 part is a constant per (question, passage) (:attr:`Retrieved.lexical`): the
 module adds it to its differentiable ``bmm(q, vectors)``, so the question encoder keeps its gradient.
 """
 
