@@ -337,6 +337,7 @@ DISTRIBUTED_MODES = ("sharded", "replicated")
 BUILD_KEYS = {"flat": (), "hnsw": ("M", "ef_construction"), "ivfpq": ("nlist", "m", "nbits", "train_size", "seed"),
               "bm25": ()}
 SEARCH_KEYS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "rerank"), "bm25": ()}
+HYBRID_NORMS = ("max", "none")
 
 
 @dataclass
@@ -376,6 +377,15 @@ class IndexConfig:
     bm25_b: float = 0.75
     bm25_method: str = "lucene"  # robertson | lucene | bm25l | bm25+ | atire
     bm25_stopwords: str | None = "en"
+    bm25_ngram: int = 1  # 2: word pairs indexed too ("number 18"), so a number binds to the word before it
+    bm25_min_word_chars: int = 2  # bm25s' default words: 2+ letters or digits; 1 keeps "7" of "atomic number 7"
+    # hybrid (dense + BM25, retrieval/retriever.py; conf/index/hybrid.yaml): candidates = dense top-m + BM25
+    # top-m, ranked by q.d + weight * BM25; weight and norm chosen on the world set's val split (docs/retrieval.md)
+    hybrid: bool = False
+    hybrid_bm25_weight: float = 7.0
+    hybrid_candidates: int = 20  # m per retriever (at least k is used)
+    hybrid_bm25_norm: str = "none"  # none: raw BM25 scores | max: divided by the question's best BM25 score
+    bm25_dir: str = ""  # hybrid's BM25 index; "": <parent of index.dir>/<data.name>-bm25 (index=bm25's own)
 
     def check(self, prefix: str = "index") -> None:
         _one_of(f"{prefix}.type", self.type, INDEX_TYPES)
@@ -388,8 +398,20 @@ class IndexConfig:
             _positive(f"{prefix}.{key}", getattr(self, key))
         _one_of(f"{prefix}.bm25_method", self.bm25_method, ("robertson", "lucene", "bm25l", "bm25+", "atire"))
         _at_least(f"{prefix}.bm25_k1", self.bm25_k1, 0.0)
+        if self.bm25_ngram not in (1, 2, 3):
+            raise ConfigError(f"{prefix}.bm25_ngram={self.bm25_ngram} must be 1 (words), 2 (+ pairs) or 3")
+        _positive(f"{prefix}.bm25_min_word_chars", self.bm25_min_word_chars)
         if not 0.0 <= self.bm25_b <= 1.0:
             raise ConfigError(f"{prefix}.bm25_b={self.bm25_b} must be in [0, 1]")
+        if self.hybrid:
+            if self.type == "bm25":
+                raise ConfigError(
+                    f"{prefix}.hybrid=true adds BM25 to a dense index, but {prefix}.type=bm25 is BM25 alone. "
+                    f"Fix: index=hybrid (flat + BM25), or {prefix}.type=flat|hnsw|ivfpq, or {prefix}.hybrid=false"
+                )
+            _at_least(f"{prefix}.hybrid_bm25_weight", self.hybrid_bm25_weight, 0.0)
+            _positive(f"{prefix}.hybrid_candidates", self.hybrid_candidates)
+            _one_of(f"{prefix}.hybrid_bm25_norm", self.hybrid_bm25_norm, HYBRID_NORMS)
 
     def build_params(self) -> dict[str, int]:
         return {key: int(getattr(self, key)) for key in BUILD_KEYS[self.type]}

@@ -104,7 +104,7 @@ def rebuild_command(cfg: DictConfig) -> str:
     kept = [o for o in job_overrides(cfg) if o.lstrip("+~").startswith(INDEX_OVERRIDE_PREFIXES)]
     chosen = [
         f"data={cfg.data.name}",
-        f"index={cfg.index.type}",
+        "index=hybrid" if cfg.index.get("hybrid") and cfg.index.type == "flat" else f"index={cfg.index.type}",
         f"model/question_encoder={cfg.model.question_encoder.kind}",
     ]
     groups = {o.split("=", 1)[0] for o in kept}
@@ -579,7 +579,9 @@ def swap_index(saved: DictConfig, cfg: DictConfig, named: list[str]) -> DictConf
             cfg.index.store_dir,
             cfg.index.dir,
         )
-    cfg[NAMED_INDEX_KEY] = [k for k in named if k in ("store_dir", "dir")]
+        if saved.index.get("bm25_dir") and "bm25_dir" not in named:  # hybrid: derived beside the new index.dir
+            cfg.index.bm25_dir = ""
+    cfg[NAMED_INDEX_KEY] = [k for k in named if k in ("store_dir", "dir", "bm25_dir")]
     return cfg
 
 
@@ -708,4 +710,13 @@ def index(cfg: DictConfig) -> dict[str, str]:
         )
     spec = RetrievalSpec(data, encoder, index_cfg, ContextConfig(), paths.cache_dir, rebuild_command(cfg))
     store, index_dir, _ = ensure_index(spec, load_generator_tokenizer(data.generator_tokenizer), full_check=True)
-    return describe(store.dir, index_dir)
+    described = describe(store.dir, index_dir)
+    if index_cfg.hybrid:  # index=hybrid: the BM25 index beside the dense one
+        from rag_lightning.retrieval.build import bm25_dir
+
+        bm25 = describe(store.dir, bm25_dir(spec))
+        described["hybrid"] = (f"dense + {bm25['index']} ngram={index_cfg.bm25_ngram} "
+                               f"min_word_chars={index_cfg.bm25_min_word_chars}, weight {index_cfg.hybrid_bm25_weight} "
+                               f"(norm {index_cfg.hybrid_bm25_norm}), {index_cfg.hybrid_candidates} candidates each")
+        described["bm25 dir"] = bm25["index dir"]
+    return described

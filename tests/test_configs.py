@@ -66,6 +66,7 @@ def test_root_configs_compose(name):
         ("logger=all", "logger.tensorboard._target_", "lightning.pytorch.loggers.TensorBoardLogger"),
         ("index=hnsw", "index.type", "hnsw"),
         ("index=ivfpq", "index.type", "ivfpq"),
+        ("index=hybrid", "index.hybrid", True),
         ("model/generator=bart_base", "model.generator.name_or_path", "facebook/bart-base"),
         ("callbacks=with_early_stopping", "callbacks.early_stopping._target_", "lightning.pytorch.callbacks.EarlyStopping"),
         ("debug=limit", "trainer.max_steps", 20),

@@ -151,11 +151,11 @@ def test_gold_curriculum_applies_only_in_training_before_its_step_limit():
     calls = []
 
     class FakeRetriever:
-        def retrieve(self, q, k):
+        def retrieve(self, q, k, questions=None):
             return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long),
                                    vectors=torch.zeros(q.shape[0], k, 4), passage_ids=[["x"] * k] * q.shape[0])
 
-        def with_gold(self, found, gold, q):
+        def with_gold(self, found, gold, q, questions=None):
             calls.append(gold)
             return found
 
@@ -231,7 +231,7 @@ def test_retrieval_stays_float32_under_mixed_precision():
     vectors = torch.randn(1, 2, 32)
 
     class FakeRetriever:
-        def retrieve(self, q, k):
+        def retrieve(self, q, k, questions=None):
             assert q.dtype == torch.float32
             return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long), vectors=vectors,
                                    passage_ids=[["x"] * k])
@@ -279,11 +279,11 @@ def test_the_gold_curriculum_scores_with_the_question_vectors():
     seen = []
 
     class FakeRetriever:
-        def retrieve(self, q, k):
+        def retrieve(self, q, k, questions=None):
             return SimpleNamespace(rows=torch.zeros(q.shape[0], k, dtype=torch.long),
                                    vectors=torch.zeros(q.shape[0], k, 4), passage_ids=[["x"] * k] * q.shape[0])
 
-        def with_gold(self, found, gold, q):
+        def with_gold(self, found, gold, q, questions=None):
             seen.append(q)
             return SimpleNamespace(rows=found.rows, vectors=torch.ones_like(found.vectors),
                                    passage_ids=found.passage_ids)

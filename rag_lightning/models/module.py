@@ -190,11 +190,14 @@ class RagModule(L.LightningModule):
         # retrieval stays float32 under mixed precision: the index was built from float32 vectors
         with torch.autocast(batch["question_input_ids"].device.type, enabled=False):
             q = self.encode_questions(batch)
-            found = self.retriever.retrieve(q.detach(), n_docs)
+            found = self.retriever.retrieve(q.detach(), n_docs, questions=batch.get("questions"))
             if self.training and self.global_step < self.cfg.gold_passage_steps:
-                found = self.retriever.with_gold(found, batch["gold_passage_ids"], q)
+                found = self.retriever.with_gold(found, batch["gold_passage_ids"], q, batch.get("questions"))
             vectors = self.passage_vectors(found.rows, found.vectors)
             doc_scores = torch.einsum("bd,bkd->bk", q, vectors.to(device=q.device, dtype=q.dtype))
+            lexical = getattr(found, "lexical", None)  # hybrid retrieval: + w * BM25, a constant
+            if lexical is not None:
+                doc_scores = doc_scores + lexical.to(device=q.device, dtype=q.dtype)
         return self._contexts(batch, found, q, doc_scores)
 
     def passage_vectors(self, rows: torch.Tensor, index_vectors: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,11 @@ a killed build leaves nothing half-written where the index is expected; a later 
 manifest differs from what it asks for, with the command that rebuilds it.
 
 Tokenisation is bm25s' own (lower case, words of two or more letters or digits, English stopwords by
-default, no stemming). Ranking ties go to the lower corpus row, so every search is deterministic.
+default, no stemming). ``index.bm25_min_word_chars=1`` keeps one-character words (the digit
+of "atomic number 7") and ``index.bm25_ngram=2`` indexes each pair of neighbouring
+words too (after stopword removal), so "atomic number 18" matches the passage that says "number 18", not the
+passages that mention 18 elsewhere ("group 18"). Both are build-time keys, recorded in the manifest only when
+they differ from bm25s' defaults (indexes built before they existed stay valid). Ranking ties go to the lower corpus row, so every search is deterministic.
 """
 
 from __future__ import annotations
@@ -52,8 +56,16 @@ def passage_text(store: CorpusStore, row: int) -> str:
     return f"{title} {store.text(row)}" if title else store.text(row)
 
 
-def _tokenize(texts: Sequence[str], stopwords: str | None) -> list[list[str]]:
-    return bm25s.tokenize(list(texts), stopwords=stopwords, return_ids=False, show_progress=False)
+def _tokenize(
+    texts: Sequence[str], stopwords: str | None, ngram: int = 1, min_word_chars: int = 2
+) -> list[list[str]]:
+    # min_word_chars=2 is bm25s' (and scikit-learn's) default pattern, r"(?u)\b\w\w+\b"
+    pattern = rf"(?u)\b\w{{{min_word_chars},}}\b"
+    words = bm25s.tokenize(list(texts), stopwords=stopwords, token_pattern=pattern, return_ids=False,
+                           show_progress=False)
+    if ngram < 2:
+        return words
+    return [w + [" ".join(w[i : i + n]) for n in range(2, ngram + 1) for i in range(len(w) - n + 1)] for w in words]
 
 
 def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
@@ -67,6 +79,9 @@ def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
         "method": cfg.bm25_method,
         "stopwords": cfg.bm25_stopwords,
         "text": "title + ' ' + text",
+        # recorded only when not bm25s' defaults, so the indexes built before these keys existed stay valid
+        **({"ngram": int(cfg.bm25_ngram)} if cfg.bm25_ngram != 1 else {}),
+        **({"min_word_chars": int(cfg.bm25_min_word_chars)} if cfg.bm25_min_word_chars != 2 else {}),
     }
 
 
@@ -80,13 +95,16 @@ class BM25Index:
         self.index_type = "bm25"
         self.stopwords = self.manifest.get("stopwords")
         self._n = int(self.manifest["passages"])
+        self.ngram = int(self.manifest.get("ngram", 1))
+        self.min_word_chars = int(self.manifest.get("min_word_chars", 2))
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
     def build(cls, store: CorpusStore, cfg: IndexConfig) -> BM25Index:
         """Tokenise every passage of ``store`` (title + text) and index it with the ``index`` section's k1, b, method."""
         expect = bm25_expectation(store, cfg)
-        tokens = _tokenize([passage_text(store, r) for r in range(len(store))], cfg.bm25_stopwords)
+        tokens = _tokenize([passage_text(store, r) for r in range(len(store))], cfg.bm25_stopwords,
+                           cfg.bm25_ngram, cfg.bm25_min_word_chars)
         model = bm25s.BM25(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method)
         model.index(tokens, show_progress=False)
         return cls(model, {**expect, "format_version": FORMAT_VERSION, "bm25s_version": bm25s.__version__})
@@ -155,7 +173,7 @@ class BM25Index:
     def scores(self, questions: Sequence[str]) -> np.ndarray:
         """BM25 scores (B, N) float32 of every passage for each question (0 for a question with no known word)."""
         out = np.zeros((len(questions), self._n), dtype=np.float32)
-        for i, tokens in enumerate(_tokenize(questions, self.stopwords)):
+        for i, tokens in enumerate(_tokenize(questions, self.stopwords, self.ngram, self.min_word_chars)):
             if tokens:
                 out[i] = self.model.get_scores(tokens)
         return out
@@ -165,23 +183,32 @@ class BM25Index:
         to the lower row."""
         if not 0 < k <= self._n:
             raise ValueError(f"k={k} must be between 1 and the number of indexed passages ({self._n})")
-        all_scores, all_rows = [], []
-        for start in range(0, len(questions), SEARCH_CHUNK):
-            scores = self.scores(questions[start : start + SEARCH_CHUNK])
-            # candidates: every row scoring at least the k-th best, then the exact tie rule on them
-            kth = np.partition(scores, self._n - k, axis=1)[:, self._n - k]
-            for row_scores, threshold in zip(scores, kth):
-                candidates = np.flatnonzero(row_scores >= threshold)
-                order = np.lexsort((candidates, -row_scores[candidates]))[:k]
-                all_rows.append(candidates[order])
-                all_scores.append(row_scores[candidates[order]])
-        if not all_rows:
+        parts = [top_rows(self.scores(questions[start : start + SEARCH_CHUNK]), k)
+                 for start in range(0, len(questions), SEARCH_CHUNK)]
+        if not parts:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.stack(all_scores).astype(np.float32), np.stack(all_rows).astype(np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def score_rows(self, questions: Sequence[str], rows: np.ndarray) -> np.ndarray:
         """BM25 scores (B, k) of given rows (B, k) for each question."""
         return np.take_along_axis(self.scores(questions), np.asarray(rows, dtype=np.int64), axis=1)
+
+
+def top_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each row of (B, N) scores: scores (B, k) float32 and rows (B, k) int64, best first,
+    ties to the lower row."""
+    n = scores.shape[1]
+    all_scores, all_rows = [], []
+    # candidates: every row scoring at least the k-th best, then the exact tie rule on them
+    kth = np.partition(scores, n - k, axis=1)[:, n - k]
+    for row_scores, threshold in zip(scores, kth):
+        candidates = np.flatnonzero(row_scores >= threshold)
+        order = np.lexsort((candidates, -row_scores[candidates]))[:k]
+        all_rows.append(candidates[order])
+        all_scores.append(row_scores[candidates[order]])
+    if not all_rows:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.stack(all_scores).astype(np.float32), np.stack(all_rows).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------ mining

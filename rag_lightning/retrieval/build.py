@@ -8,6 +8,8 @@ when its manifest matches what the sections ask for now:
 - vectors (``index.vectors_dir``): context-encoder weights fingerprint and corpus hash (resumable encoding).
 - index (``index.dir``): the above plus index type and build parameters. Search-time parameters (``nprobe``,
   ``ef_search``, ``rerank``) never force a rebuild.
+- BM25 index (``index.dir`` for ``index=bm25``; :func:`bm25_dir` beside the dense index for ``index.hybrid``):
+  corpus hash, passage count and the BM25 parameters.
 
 The data itself must be prepared first (``rag-prepare``'s work, ``data.prepare_data.ensure_prepared``).
 """
@@ -41,7 +43,7 @@ from rag_lightning.retrieval.faiss_index import (
     IndexStateError,
     PassageIndex,
 )
-from rag_lightning.retrieval.retriever import Retriever
+from rag_lightning.retrieval.retriever import HybridScoring, Retriever
 from rag_lightning.retrieval.store import CorpusStore, StoreError, manifest_differences, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -199,7 +201,9 @@ def ensure_index(
     with build_lock(spec.cache_dir):
         store = ensure_store(spec, gen_tokenizer, load_encoder_tokenizer(spec.encoder, "context"))
         if spec.index.type == "bm25":
-            return (store, *_ensure_bm25(spec, store))
+            return (store, *_ensure_bm25(spec, store, Path(spec.index.dir), "dir"))
+        if spec.index.hybrid:
+            _ensure_bm25(spec, store, bm25_dir(spec), "bm25_dir")
         ctx_encoder = build_context_encoder(spec.encoder)
         expect = index_expectation(spec, store, ctx_encoder)
         index_dir = Path(spec.index.dir)
@@ -243,19 +247,33 @@ def ensure_index(
         return store, index_dir, expect
 
 
-def _ensure_bm25(spec: RetrievalSpec, store: CorpusStore) -> tuple[Path, dict[str, Any]]:
-    """The BM25 index of ``spec`` (no encoder involved), built when missing or built for other inputs."""
+def bm25_dir(spec: RetrievalSpec) -> Path:
+    """Where a hybrid run's BM25 index lives: ``index.bm25_dir``, else beside the dense index under the name
+    ``index=bm25`` gives its own (``<data.name>-bm25``, so the two share one build), with the tokenisation
+    keys in it when they are not the defaults (so indexes of two tokenisations never rebuild each other)."""
+    if spec.index.bm25_dir:
+        return Path(spec.index.bm25_dir)
+    name = f"{spec.data.name}-bm25"
+    if spec.index.bm25_ngram != 1:
+        name += f"-ngram{spec.index.bm25_ngram}"
+    if spec.index.bm25_min_word_chars != 2:
+        name += f"-chars{spec.index.bm25_min_word_chars}"
+    return Path(spec.index.dir).parent / name
+
+
+def _ensure_bm25(spec: RetrievalSpec, store: CorpusStore, index_dir: Path, key: str) -> tuple[Path, dict[str, Any]]:
+    """The BM25 index of ``spec`` in ``index_dir`` (the ``index`` key ``key``; no encoder involved), built
+    when missing or built for other inputs."""
     from rag_lightning.retrieval.bm25 import BM25Index, bm25_expectation
 
     expect = bm25_expectation(store, spec.index)
-    index_dir = Path(spec.index.dir)
     try:
         BM25Index.check(index_dir, expect=expect, rebuild_command=spec.rebuild_command)
         log.info("BM25 index %s is up to date", index_dir)
         return index_dir, expect
     except (IndexCorruptError, IndexMismatchError) as why:
-        if "dir" in spec.named:
-            raise refuse_named("dir", index_dir, "a BM25 index", str(why).split("Rebuild it with")[0]) from None
+        if key in spec.named:
+            raise refuse_named(key, index_dir, "a BM25 index", str(why).split("Rebuild it with")[0]) from None
         log.info("building the BM25 index: %s", str(why).splitlines()[0])
     except IndexStateError as why:
         log.info("building the BM25 index: %s", str(why).splitlines()[0])
@@ -284,6 +302,14 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
             verify_checksum=spec.index.verify_checksum,
         )
         searcher = DistributedSearch(index, spec.index.distributed, spec.index)
+    hybrid = None
+    if spec.index.hybrid:
+        from rag_lightning.retrieval.bm25 import BM25Index, bm25_expectation
+
+        bm25 = BM25Index.load(bm25_dir(spec), expect=bm25_expectation(store, spec.index),
+                              rebuild_command=spec.rebuild_command)
+        hybrid = HybridScoring(bm25, spec.index.hybrid_bm25_weight, spec.index.hybrid_candidates,
+                               spec.index.hybrid_bm25_norm)
     return Retriever(
         index,
         store,
@@ -294,6 +320,7 @@ def open_retriever(spec: RetrievalSpec, gen_tokenizer: Any) -> Retriever:
         eos_id=gen_tokenizer.eos_token_id,
         pad_id=gen_tokenizer.pad_token_id,
         searcher=searcher,
+        hybrid=hybrid,
     )
 
 

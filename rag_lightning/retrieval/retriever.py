@@ -11,6 +11,12 @@ where ``Q`` are the question's ids from :func:`rag_lightning.data.pieces.piece_i
 ``" " + question + " // " + title + " / " + text`` in one go. Only the passage is truncated to fit
 ``max_context_length``, so a long passage can never cut the question off (with passage-first strings truncated
 at the end, the question is the first thing lost).
+
+Hybrid retrieval (``index.hybrid=true``, :class:`HybridScoring`): the dense index and a BM25 index of the same
+store. Candidates are the dense top-m and the BM25 top-m of each question; each is scored
+``q·d + w * BM25(question, d)`` (q·d exact, from the stored passage vectors; BM25 optionally divided by the
+question's best BM25 score), and the best k are returned. The BM25 part is a constant per (question, passage) (:attr:`Retrieved.lexical`): the
+module adds it to its differentiable ``bmm(q, vectors)``, so the question encoder keeps its gradient.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from rag_lightning.config import CONTEXT_LAYOUTS, ConfigError
 from rag_lightning.data.pieces import SEPARATOR
 from rag_lightning.padding import pad_right
+from rag_lightning.retrieval.distributed import rescore, top_k
 from rag_lightning.retrieval.faiss_index import IndexStateError, PassageIndex
 from rag_lightning.retrieval.store import CorpusStore
 
@@ -40,6 +47,8 @@ class Retrieved:
     scores: torch.Tensor  # (B, k) float32, as returned by the index
     vectors: torch.Tensor  # (B, k, d) float32 on the questions' device
     passage_ids: list[list[str]]
+    # hybrid retrieval: the constant BM25 part of ``scores`` (B, k), w * normalised BM25; None otherwise
+    lexical: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,28 @@ class PassageText:
     id: str
     title: str
     text: str
+
+
+@dataclass(frozen=True)
+class HybridScoring:
+    """How BM25 joins dense retrieval (``index.hybrid_*``): a passage's score is ``q·d + weight * BM25``, the
+    BM25 score divided by the question's best one (``norm="max"``: in [0, weight] whatever the corpus and
+    question length, so one weight fits all questions) or raw (``norm="none"``); candidates: the top
+    ``candidates`` of each retriever."""
+
+    bm25: BM25Index
+    weight: float
+    candidates: int
+    norm: str = "max"
+
+    def bonus(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw BM25 scores, their weighted and normalised part of the hybrid score), both (B, N) float32."""
+        raw = self.bm25.scores(questions)
+        scaled = raw
+        if self.norm == "max":
+            best = raw.max(axis=1, keepdims=True) if raw.shape[1] else np.zeros((len(raw), 1), np.float32)
+            scaled = np.divide(raw, best, out=np.zeros_like(raw), where=best > 0)
+        return raw, (self.weight * scaled).astype(np.float32)
 
 
 class Searcher(Protocol):
@@ -79,6 +110,7 @@ class Retriever:
         eos_id: int | None = None,
         pad_id: int | None = None,
         searcher: Searcher | None = None,
+        hybrid: HybridScoring | None = None,
     ) -> None:
         if layout not in CONTEXT_LAYOUTS:
             raise ConfigError(f"context.layout={layout!r} is not one of {', '.join(CONTEXT_LAYOUTS)}")
@@ -92,10 +124,16 @@ class Retriever:
                 f"title_separator={title_separator!r} differs from {store.title_separator!r} that the corpus "
                 f"store {store.dir} was tokenised with; rebuild the store or use the store's separator"
             )
+        if hybrid is not None and (getattr(index, "sparse", False) or len(hybrid.bm25) != len(store)):
+            raise IndexStateError(
+                f"hybrid retrieval needs a dense index and a BM25 index of the {len(store)} passages of {store.dir}; "
+                f"got a {index.index_type} index and a BM25 index of {len(hybrid.bm25)}: rebuild them (rag-index index=hybrid)"
+            )
         if separator != f" {separator.strip()} ":
             raise ValueError(f"separator={separator!r} must start and end with one space")
         self.index, self.store, self.layout = index, store, layout
         self.searcher: Searcher = searcher if searcher is not None else index
+        self.hybrid = hybrid
         self.max_context_length = max_context_length
         self.separator_ids = store.gen_piece_ids(separator)
         # BART's special tokens of the store's generator tokenizer unless given
@@ -116,11 +154,16 @@ class Retriever:
 
     # ---- the API -------------------------------------------------------------------------------
     @torch.no_grad()
-    def retrieve(self, question_vectors: torch.Tensor, k: int) -> Retrieved:
+    def retrieve(
+        self, question_vectors: torch.Tensor, k: int, questions: Sequence[str] | None = None
+    ) -> Retrieved:
         """Top-``k`` passages per question. No gradient flows through the search: recompute the document
-        scores as ``bmm(q, vectors)`` to train the question encoder. Under DDP with a sharded searcher this
+        scores as ``bmm(q, vectors)`` (plus ``lexical`` in hybrid retrieval) to train the question encoder.
+        Hybrid retrieval needs the question texts too (``questions``). Under DDP with a sharded searcher this
         is a collective: every rank must call it."""
         q = question_vectors.detach().to("cpu", torch.float32).numpy()
+        if self.hybrid is not None:
+            return self._retrieve_hybrid(q, k, questions, question_vectors.device)
         scores, rows = self.searcher.search(q, k)
         if (rows < 0).any():
             raise RuntimeError(
@@ -129,6 +172,34 @@ class Retriever:
             )
         return self._result(torch.from_numpy(np.asarray(rows)), torch.from_numpy(np.asarray(scores)),
                             question_vectors.device)
+
+    def _retrieve_hybrid(
+        self, q: np.ndarray, k: int, questions: Sequence[str] | None, device: torch.device
+    ) -> Retrieved:
+        """Dense top-m and BM25 top-m of each question, ranked by q·d + the BM25 part (ties: lower row)."""
+        if questions is None or len(questions) != len(q):
+            raise ValueError(
+                f"hybrid retrieval (index.hybrid=true) scores the question texts too: pass questions= "
+                f"({len(q)} question vectors, {'no' if questions is None else len(questions)} texts)"
+            )
+        if not 0 < k <= len(self):
+            raise ValueError(f"k={k} must be between 1 and the number of passages ({len(self)})")
+        m = min(max(self.hybrid.candidates, k), len(self))
+        _, dense_rows = self.searcher.search(q, m)  # the collective under DDP: every rank calls it
+        raw, bonus = self.hybrid.bonus(questions)
+        from rag_lightning.retrieval.bm25 import top_rows
+
+        _, lexical_rows = top_rows(raw, m)
+        rows = np.full((len(q), 2 * m), -1, dtype=np.int64)
+        for b, (dense, lexical) in enumerate(zip(np.asarray(dense_rows), lexical_rows)):
+            union = np.unique(np.concatenate([dense[dense >= 0], lexical]))
+            rows[b, : len(union)] = union
+        safe = np.where(rows >= 0, rows, 0)
+        scores = rescore(q, rows, self.index.vectors) + np.take_along_axis(bonus, safe, axis=1)
+        scores, rows = top_k(scores, rows, k)
+        lexical_part = np.take_along_axis(bonus, rows, axis=1)
+        return self._result(torch.from_numpy(rows), torch.from_numpy(scores.astype(np.float32)), device,
+                            torch.from_numpy(lexical_part).to(device))
 
     def retrieve_texts(self, questions: Sequence[str], k: int) -> Retrieved:
         """Top-``k`` passages per question text from a sparse (BM25) index; scores are BM25 scores and
@@ -190,7 +261,7 @@ class Retriever:
         The training-time curriculum: every step then carries a passage that holds the answer, so the
         generator learns to read before it has to cope with retrieval misses.  Examples without a gold id,
         or with one outside this corpus, keep what the search found. A sparse index scores the new rows
-        with the question texts (``questions``), a dense one with ``question_vectors``."""
+        with the question texts (``questions``), a dense one with ``question_vectors`` (hybrid: both)."""
         rows = found.rows.clone()
         firsts = self.rows_of([gold[0] if gold else "" for gold in gold_passage_ids])
         for b, (gold, row) in enumerate(zip(gold_passage_ids, firsts)):
@@ -203,15 +274,25 @@ class Retriever:
             return self._result(rows, scores, found.vectors.device)
         q = question_vectors.detach().to("cpu", torch.float32)
         scores = torch.einsum("bd,bkd->bk", q, self.vectors(rows))
-        return self._result(rows, scores, found.vectors.device)
+        lexical = None
+        if self.hybrid is not None:
+            if questions is None:
+                raise ValueError("hybrid retrieval (index.hybrid=true) scores the question texts too: pass questions=")
+            lexical = torch.from_numpy(np.take_along_axis(self.hybrid.bonus(list(questions))[1], rows.numpy(), axis=1))
+            scores = scores + lexical
+            lexical = lexical.to(found.vectors.device)
+        return self._result(rows, scores, found.vectors.device, lexical)
 
-    def _result(self, rows: torch.Tensor, scores: torch.Tensor, device: torch.device) -> Retrieved:
+    def _result(
+        self, rows: torch.Tensor, scores: torch.Tensor, device: torch.device, lexical: torch.Tensor | None = None
+    ) -> Retrieved:
         """The one place a retrieval result is built: vectors and ids read for the rows found."""
         return Retrieved(
             rows=rows,
             scores=scores,
             vectors=self.vectors(rows).to(device),
             passage_ids=[[self.store.passage_id(int(r)) for r in row] for row in rows.tolist()],
+            lexical=lexical,
         )
 
     def build_contexts(
