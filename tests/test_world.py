@@ -21,7 +21,7 @@ from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
 from rag_lightning.data.readers import read_corpus, read_qa
 from rag_lightning.data.world_templates import QUESTIONS
 
-SPLITS = ("train", "val", "test", "test_seen")
+SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
 SMALL = {
     "min_city_population": 2_000_000,
     "vocab_size": 1000,
@@ -58,7 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "root": root,
         "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
         "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
-        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in SPLITS},
+        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in world.FEVER_SPLITS},
     }
 
 
@@ -156,7 +156,7 @@ def test_no_held_out_fact_is_asked_the_other_way_round_in_train(built: dict[str,
     """Val "largest city of Japan?" (Tokyo) and train "country of the city of Tokyo?" (Japan) ask one fact."""
     splits, passages = built["splits"], built["passages"]
     by_title = {p["title"]: pid.rsplit("-", 1)[0] for pid, p in passages.items()}
-    held = [q for s in ("val", "test") for q in splits[s]]
+    held = [q for s in ("val", "test", "test_paraphrase") for q in splits[s]]
     held_pairs = {pair for q in held for pair in _entity_pairs(q, by_title)}
     assert len(held_pairs) > 100  # capitals, largest cities, countries of cities, borders, ...
     train_pairs = {pair for q in splits["train"] for pair in _entity_pairs(q, by_title)}
@@ -196,7 +196,7 @@ def test_world_fever_is_kilt_claims_half_true_on_the_qa_splits(built: dict[str, 
     from rag_lightning.data.world_fever import CLAIMS
 
     root, passages, fever = built["root"], built["passages"], built["fever"]
-    for split in SPLITS:
+    for split in world.FEVER_SPLITS:
         rows = read_qa(root / "fever" / f"{split}.jsonl")  # the KILT reader, recognised without a flag
         labels = [ex.answers[0] for ex in rows]
         assert len(rows) == len(fever[split]) and abs(labels.count("SUPPORTS") - labels.count("REFUTES")) <= 1
