@@ -240,3 +240,25 @@ def factuality(prediction: str, evidence: Sequence[str], given: str = "") -> flo
         return None
     folded = _fold("\n".join(evidence))
     return sum(_states(folded, f) for f in facts) / len(facts)
+
+
+def scores_by_category(
+    records: Sequence[dict], category_of: dict[str, str], names: Sequence[str] = ("em", "f1")
+) -> dict[str, dict[str, float]]:
+    """Per category (e.g. the world set's ``relation``): the number of records and the mean of each score
+    in ``names`` over them. ``records`` are prediction records (``id`` and the scores); ``category_of`` maps
+    an id to its category, and records whose id it lacks are left out. Sorted by category."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        category = category_of.get(str(record["id"]))
+        if category is not None:
+            groups.setdefault(category, []).append(record)
+    out: dict[str, dict[str, float]] = {}
+    for category, members in sorted(groups.items()):
+        row: dict[str, float] = {"n": len(members)}
+        for name in names:
+            known = [float(r[name]) for r in members if r.get(name) is not None]
+            if known:
+                row[name] = sum(known) / len(known)
+        out[category] = row
+    return out

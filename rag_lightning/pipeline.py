@@ -402,6 +402,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             from rag_lightning.tracking import log_run_files
 
             write_json_atomic(output_dir / "metrics.json", dict(sorted(results.items())))
+            test_files = s.data.test_files()
+            write_breakdown(
+                output_dir, {sp: (output_dir / f"predictions_{sp}.jsonl", test_files[sp]) for sp in splits}
+            )
             log_run_files(trainer.loggers, output_dir, {"time/total_s": results["time/total_s"]}, trainer.global_step)
             print_results(results, output_dir, splits, produced=_produced(output_dir))
             print(report_hint(output_dir))
@@ -490,9 +494,53 @@ def log_effective_batch(trainer: L.Trainer, loader: LoaderConfig) -> None:
         logger.log_hyperparams({"effective_batch_size": effective, "per_device_batch_size": per_device})
 
 
+BREAKDOWN_FILE = "metrics_by_relation.json"  # per test split, EM / F1 per relation (the QA rows' `relation`)
+BREAKDOWN_FIELD = "relation"
+
+
+def categories_of(qa_file: str | Path, field: str = BREAKDOWN_FIELD) -> dict[str, str]:
+    """Question id -> its ``field`` (the world set's relation) from a JSONL QA file; empty for a file of
+    another format or without the field."""
+    path = Path(qa_file)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return {}
+    out = {}
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "id" in row and isinstance(row.get(field), str):
+                out[str(row["id"])] = row[field]
+    return out
+
+
+def write_breakdown(output_dir: Path, splits: dict[str, tuple[Path, str | None]]) -> dict[str, Any]:
+    """`metrics_by_relation.json`: for each test split (its predictions file, its QA file), the number of
+    questions and the mean of each task metric per relation, written atomically; splits whose QA file has no
+    `relation` are left out, and no file is written when none has one. Returns what it wrote."""
+    from rag_lightning.config import TASK_METRICS
+    from rag_lightning.metrics import scores_by_category
+
+    out: dict[str, Any] = {}
+    for split, (predictions, qa_file) in splits.items():
+        category_of = categories_of(qa_file) if qa_file else {}
+        if not category_of or not predictions.is_file():
+            continue
+        lines = predictions.read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        table = scores_by_category(records, category_of, TASK_METRICS)
+        if table:
+            out[split] = table
+    if out:
+        write_json_atomic(output_dir / BREAKDOWN_FILE, out)
+    return out
+
+
 def _produced(output_dir: Path) -> list[str]:
     """What a run directory holds, for the closing line (only what is really there)."""
-    names = ["metrics.json", *sorted(p.name for p in output_dir.glob("predictions*.jsonl"))]
+    names = ["metrics.json", BREAKDOWN_FILE, *sorted(p.name for p in output_dir.glob("predictions*.jsonl"))]
     if (output_dir / "checkpoints").is_dir():
         names.append("checkpoints/")
     return [n for n in names if (output_dir / n.rstrip("/")).exists()]
@@ -639,12 +687,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg = run_config(cfg.ckpt_path, call_overrides(cfg, "data", "model", "task", "index"))
         module, datamodule = load_trained(run_cfg, cfg.ckpt_path, str(output_dir))
         split = cfg.split_name
-        loader = datamodule.test_loader(split, cfg.data.get("test_file"))
+        from rag_lightning.data.prepare_data import world_test_file
+
+        run_data = section(DataConfig, run_cfg.data, "data")
+        qa_file = cfg.data.get("test_file") or world_test_file(run_data, split)
+        loader = datamodule.test_loader(split, qa_file)
     trainer = eval_trainer(run_cfg, cfg.accelerator, output_dir)
     trainer.test(module, dataloaders=loader)
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
     write_json_atomic(output_dir / "metrics.json", dict(sorted(results.items())))
     produced = output_dir / f"predictions_{split}.jsonl"
+    write_breakdown(output_dir, {split: (produced, qa_file or datamodule.files.get(split))})
     if produced.exists():
         produced.replace(output_dir / "predictions.jsonl")
     print_results(results, output_dir, [split], produced=_produced(output_dir))

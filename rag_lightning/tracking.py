@@ -18,7 +18,9 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
 # what a run directory holds that is worth keeping beside its metrics
-RUN_FILES = ("metrics.json", "config_resolved.yaml", "predictions*.jsonl", "val_samples.jsonl")
+RUN_FILES = (
+    "metrics.json", "metrics_by_relation.json", "config_resolved.yaml", "predictions*.jsonl", "val_samples.jsonl"
+)
 _PARAM_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 

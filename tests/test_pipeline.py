@@ -20,14 +20,44 @@ def test_fast_dev_run_each_mode(tmp_path, mode, tiny_train_config):
         assert "test/recall@2" in results
 
 
+def _paraphrase_file(tmp_path):
+    """The tiny world's test countries asked in other words, as the world's test_paraphrase split asks (with a
+    `relation` per question, which metrics_by_relation.json groups by)."""
+    from tests.conftest import COUNTRIES
+
+    rows = [
+        {"id": f"p{i}", "question": f"Which city is {country}'s capital?", "answers": [capital],
+         "gold_passage_ids": [f"c{i}"], "relation": "capital"}
+        for i, (country, capital) in enumerate(COUNTRIES) if i in (8, 9)
+    ] + [
+        {"id": f"p{i}", "question": f"Whose capital is {capital}?", "answers": [country],
+         "gold_passage_ids": [f"c{i}"], "relation": "capital_of"}
+        for i, (country, capital) in enumerate(COUNTRIES) if i in (10, 11)
+    ]
+    path = tmp_path / "test_paraphrase.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_train_checkpoint_test_export(tmp_path, tiny_train_config):
-    cfg = tiny_train_config(tmp_path, "trainer.max_epochs=2")
+    para = _paraphrase_file(tmp_path)
+    cfg = tiny_train_config(tmp_path, "trainer.max_epochs=2", f"+data.extra_test_files.test_paraphrase={para}")
     results = train(cfg)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/em"] == pytest.approx(results["test/em"])
-    for key in ("test/f1", "test/recall@1", "test/recall@2", "val/em", "val/loss"):
+    for key in ("test/f1", "test/recall@1", "test/recall@2", "val/em", "val/loss", "test_paraphrase/em",
+                "test_paraphrase/f1", "test_paraphrase/recall@2"):
         assert key in metrics
+    # EM / F1 per relation of the splits whose questions have one (the tiny test file has none), by hand
+    records = [json.loads(line) for line in (run / "predictions_test_paraphrase.jsonl").read_text().splitlines()]
+    relation = {"p8": "capital", "p9": "capital", "p10": "capital_of", "p11": "capital_of"}
+    by_hand = {
+        rel: {"n": 2, **{m: sum(r[m] for r in records if relation[r["id"]] == rel) / 2 for m in ("em", "f1")}}
+        for rel in ("capital", "capital_of")
+    }
+    assert json.loads((run / "metrics_by_relation.json").read_text()) == {"test_paraphrase": by_hand}
+    assert sum(r["em"] for r in records) / 4 == pytest.approx(metrics["test_paraphrase/em"])
     assert (run / "checkpoints" / "last.ckpt").is_file()
     predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and {"id", "prediction", "answers", "em", "f1", "passages"} <= set(predictions[0])

@@ -21,7 +21,7 @@ from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
 from rag_lightning.data.readers import read_corpus, read_qa
 from rag_lightning.data.world_templates import QUESTIONS
 
-SPLITS = ("train", "val", "test", "test_seen")
+SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
 SMALL = {
     "min_city_population": 2_000_000,
     "vocab_size": 1000,
@@ -58,7 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "root": root,
         "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
         "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
-        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in SPLITS},
+        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in world.FEVER_SPLITS},
     }
 
 
@@ -156,7 +156,7 @@ def test_no_held_out_fact_is_asked_the_other_way_round_in_train(built: dict[str,
     """Val "largest city of Japan?" (Tokyo) and train "country of the city of Tokyo?" (Japan) ask one fact."""
     splits, passages = built["splits"], built["passages"]
     by_title = {p["title"]: pid.rsplit("-", 1)[0] for pid, p in passages.items()}
-    held = [q for s in ("val", "test") for q in splits[s]]
+    held = [q for s in ("val", "test", "test_paraphrase") for q in splits[s]]
     held_pairs = {pair for q in held for pair in _entity_pairs(q, by_title)}
     assert len(held_pairs) > 100  # capitals, largest cities, countries of cities, borders, ...
     train_pairs = {pair for q in splits["train"] for pair in _entity_pairs(q, by_title)}
@@ -196,7 +196,7 @@ def test_world_fever_is_kilt_claims_half_true_on_the_qa_splits(built: dict[str, 
     from rag_lightning.data.world_fever import CLAIMS
 
     root, passages, fever = built["root"], built["passages"], built["fever"]
-    for split in SPLITS:
+    for split in world.FEVER_SPLITS:
         rows = read_qa(root / "fever" / f"{split}.jsonl")  # the KILT reader, recognised without a flag
         labels = [ex.answers[0] for ex in rows]
         assert len(rows) == len(fever[split]) and abs(labels.count("SUPPORTS") - labels.count("REFUTES")) <= 1
@@ -247,8 +247,12 @@ def test_val_and_test_ask_in_the_three_original_phrasings(built: dict[str, Any])
     """The phrasings added for training never reach val or test, so their questions stay the ones the earlier
     results were measured on (the first two phrasings and the held-out last one of each relation)."""
     for split in ("val", "test"):
-        used = {q["id"].rsplit(".", 1)[1] for q in built["splits"][split]}
-        assert used == {"p0", "p1", "p9"}, split
+        kinds = set()
+        for q in built["splits"][split]:
+            k, last = int(q["id"].rsplit(".p", 1)[1]), len(QUESTIONS[q["relation"]]) - 1
+            assert k in (0, 1, last), q["id"]
+            kinds.add(k if k < 2 else "held-out")
+        assert kinds == {0, 1, "held-out"}, split
     assert {q["id"].rsplit(".", 1)[1] for q in built["splits"]["train"]} == {f"p{k}" for k in range(9)}
 
 
@@ -434,18 +438,20 @@ def test_train_phrasings_asks_each_train_fact_that_many_training_ways(tmp_path: 
     root = Path(ensure_prepared(cfg)["dir"])
     train = load_jsonl(root / "train.jsonl")
     per_fact: dict[str, set[str]] = {}
+    held_id: dict[str, str] = {}
     for q in train:
         fact, phrasing = q["id"].rsplit(".", 1)
         per_fact.setdefault(fact, set()).add(phrasing)
-    # three of the nine training phrasings, drawn per fact (fewer where the leak rules dropped one); p9 is
-    # test_seen's
-    assert per_fact and all(len(v) <= 3 and "p9" not in v for v in per_fact.values())
+        held_id[fact] = f"p{len(QUESTIONS[q['relation']]) - 1}"
+    # three of the relation's training phrasings, drawn per fact (fewer where the leak rules dropped one); the
+    # last is test_seen's
+    assert per_fact and all(len(v) <= 3 and held_id[f] not in v for f, v in per_fact.items())
     assert sum(len(v) == 3 for v in per_fact.values()) > 0.95 * len(per_fact)
     assert len({frozenset(v) for v in per_fact.values()}) > 10
     held = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
     assert not [q for q in train if held[q["relation"]].match(q["question"])]
-    for bad in (0, 10):
-        with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 9"):
+    for bad in (0, 7):
+        with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 6"):
             ensure_prepared(replace(cfg, world=replace(cfg.world, train_phrasings=bad)))
 
 
@@ -455,6 +461,6 @@ def test_train_phrasings_leaves_val_and_test_unchanged(tmp_path: Path) -> None:
         cfg = data_config(tmp_path / where, "world", *(f"data.world.{k}={v}" for k, v in small.items()))
         return Path(ensure_prepared(cfg)["dir"])
 
-    one, nine = build("one", 1), build("nine", 9)
+    one, six = build("one", 1), build("six", 6)
     for split in ("val", "test"):
-        assert (one / f"{split}.jsonl").read_bytes() == (nine / f"{split}.jsonl").read_bytes()
+        assert (one / f"{split}.jsonl").read_bytes() == (six / f"{split}.jsonl").read_bytes()

@@ -38,6 +38,10 @@ WORLD_FILE_KEYS = {
     "test_file": "test.jsonl",
     "generator_tokenizer": "generator_tokenizer",
 }
+# the world's further test splits, named in data.extra_test_files (conf/data/world.yaml): test_seen = train
+# entities in the phrasing train never uses; test_paraphrase = the test facts in phrasings written apart from
+# the templates (data/world_paraphrases.py)
+WORLD_EXTRA_TEST_FILES = {"test_seen": "test_seen.jsonl", "test_paraphrase": "test_paraphrase.jsonl"}
 WORLD_MANIFEST = "manifest.json"
 USER_FILE_KEYS = ("corpus_file", "train_file", "val_file", "test_file")
 WORLD_BUILDER = "rag_lightning.data.world"  # the manifest's "builder": whose directory this is
@@ -153,6 +157,22 @@ def _check_world_paths(cfg: DataConfig, out_dir: Path) -> None:
                 f"data.{key}={value} does not exist after building the world set into data.dir={out_dir}. "
                 f"Fix: leave data.{key} at its default (${{data.dir}}/{name})"
             )
+    for split, name in WORLD_EXTRA_TEST_FILES.items():
+        value = cfg.extra_test_files.get(split)
+        if value is not None and not Path(value).exists():
+            raise PrepareError(
+                f"data.extra_test_files.{split}={value} does not exist after building the world set into "
+                f"data.dir={out_dir}. Fix: leave it at its default (${{data.dir}}/{name}), or set it to null"
+            )
+
+
+def world_test_file(data: DataConfig, split: str) -> str | None:
+    """The file of a test split: the one the data config names, else, for the world set, the file the builder
+    writes for it (a run trained before ``test_paraphrase`` existed is still evaluated on it by rag-eval)."""
+    named = data.test_files().get(split)
+    if named or data.build != "world" or split not in WORLD_EXTRA_TEST_FILES:
+        return named
+    return str(Path(data.dir) / WORLD_EXTRA_TEST_FILES[split])
 
 
 # ----------------------------------------------------------------------------- users' data

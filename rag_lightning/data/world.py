@@ -14,8 +14,12 @@ Split rules, so that val/test measure generalisation to unseen entities:
   Japan?") is dropped from train, so a held-out fact is never learnt through its inverse;
 - a question text produced by two different facts (two cities called Kingston) is dropped everywhere;
 - ``test_seen`` asks about train entities with the one phrasing per relation that train never uses;
-- train asks each fact in ``train_phrasings`` of its relation's nine training phrasings, drawn per fact;
-  val and test ask with one of the relation's three original phrasings (world_templates.ORIGINAL_PHRASINGS).
+- train asks each fact in ``train_phrasings`` of its relation's six to nine training phrasings, drawn per fact;
+  val and test ask with one of the relation's three original phrasings (world_templates.ORIGINAL_PHRASINGS);
+- ``test_paraphrase`` asks the ``test`` split's facts again, each in one phrasing of ``world_paraphrases``
+  (written apart from the templates, never trained on), drawn with a seeded rng of its own, so the other
+  splits, the corpus and the tokenizer are the same as without it; a paraphrase text that two facts (or a
+  template question) produce is dropped like an ambiguous template question.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from rag_lightning.data.world_fever import FILES as FEVER_FILES
 from rag_lightning.data.world_fever import build_claims
 from rag_lightning.data.world_gen import FILES as GEN_FILES
 from rag_lightning.data.world_gen import build_generation_tasks
+from rag_lightning.data.world_paraphrases import PARAPHRASES
 from rag_lightning.data.world_sources import (
     City,
     fold,
@@ -64,8 +69,9 @@ from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # bump when templates or split rules change, so cached builds are rebuilt
-SPLITS = ("train", "val", "test", "test_seen")
+FORMAT_VERSION = 5  # bump when templates or split rules change, so cached builds are rebuilt
+SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
+FEVER_SPLITS = ("train", "val", "test", "test_seen")  # claims are made from these splits' facts
 CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
 TOKENIZER_DIR = WORLD_FILE_KEYS["generator_tokenizer"]
 MANIFEST_FILE = WORLD_MANIFEST
@@ -286,6 +292,55 @@ def _candidates(
     return out
 
 
+def _paraphrase_candidates(
+    entities: list[Entity],
+    split_of: dict[str, str],
+    located: dict[tuple[str, str], list[str]],
+    texts: dict[str, str],
+    seed: int,
+    template_texts: set[str],
+) -> tuple[list[_Candidate], int]:
+    """One paraphrased question per fact of a ``test`` entity (id ``<fact>.q<k>``, ``k`` indexing
+    ``PARAPHRASES``); a text that another fact's paraphrases, or any template question, also produce is
+    dropped (returned as the count), as ``_drop_ambiguous`` drops template questions."""
+    rng = random.Random(f"{seed}-paraphrase")  # its own stream: the other splits' draws stay as they were
+    names = entity_names(entities)
+    producers: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    out: list[_Candidate] = []
+    for entity in entities:
+        per_relation: Counter[str] = Counter()
+        for fact in entity.facts:
+            index = per_relation[fact.relation]
+            per_relation[fact.relation] += 1
+            filled = [capitalize(p.format(**fact.slots)) for p in PARAPHRASES[fact.relation]]
+            for text in filled:
+                producers[fold(text)].add((entity.id, fact.relation))
+            if split_of[entity.id] != "test":
+                continue
+            k = rng.randrange(len(filled))
+            q = Question(
+                id=f"{entity.id}.{fact.relation}.{index}.q{k}",
+                question=filled[k],
+                answers=fact.answers,
+                gold_passage_ids=_gold(fact, entity, located),
+                relation=fact.relation,
+                subject=entity.id,
+                objects=fact_objects(fact, entity, names),
+            )
+            _check_answers(q, texts)
+            out.append(_Candidate(q, entity.name))
+    kept = [
+        c for c in out
+        if len(producers[fold(c.question.question)]) == 1 and fold(c.question.question) not in template_texts
+    ]  # fmt: skip
+    return kept, len(out) - len(kept)
+
+
+def _fact_key(q: Question) -> tuple[str, str]:
+    """(subject, "<entity>.<relation>.<index>"): the fact a question asks, whatever its phrasing."""
+    return q.subject, q.id.rsplit(".", 1)[0]
+
+
 def _drop_ambiguous(candidates: dict[str, list[_Candidate]]) -> tuple[dict[str, list[_Candidate]], int]:
     """A question text that two facts produce (same-named entities) has no single answer set: drop it."""
     sources: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -365,8 +420,20 @@ def make_splits(
         c for c in candidates["test_seen"] if (c.question.subject, c.question.id.rsplit(".", 1)[0]) in kept
     ]
     chosen["test_seen"] = _stratified(seen, options.max_eval_questions, rng)
+
+    template_texts = {fold(c.question.question) for items in candidates.values() for c in items}
+    paraphrased, ambiguous_paraphrases = _paraphrase_candidates(
+        entities, split_of, located, texts, options.seed, template_texts
+    )
+    test_facts = {_fact_key(c.question) for c in chosen["test"]}
+    chosen["test_paraphrase"] = _stratified(
+        [c for c in paraphrased if _fact_key(c.question) in test_facts],
+        options.max_eval_questions,
+        random.Random(f"{options.seed}-paraphrase-sample"),
+    )
     dropped = {
         "ambiguous_questions": ambiguous,
+        "ambiguous_paraphrases": ambiguous_paraphrases,
         "train_questions_mentioning_held_out": leaked,
         "train_questions_on_held_out_pairs": len(inverse),
     }
@@ -379,7 +446,7 @@ def build(options: WorldOptions) -> World:
     splits, dropped = make_splits(entities, passages, options)
     kinds = Counter(e.kind for e in entities)
     corpus = [p for p, _ in passages]
-    fever = build_claims(entities, corpus, splits, options.seed)
+    fever = build_claims(entities, corpus, {s: splits[s] for s in FEVER_SPLITS}, options.seed)
     generation = build_generation_tasks(entities, corpus, splits, options.seed)
     return World(corpus, splits, {k: kinds[k] for k in KINDS}, dropped, fever, generation)
 

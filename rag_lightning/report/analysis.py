@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.report.runs import ReportError, Run
+import yaml
+
+from rag_lightning.report.runs import RESOLVED_CONFIG, ReportError, Run
 
 # QA fields that are not categories (ids, texts, lists)
 QA_FIELDS = {"id", "question", "answers", "gold_passage_ids"}
@@ -46,13 +48,34 @@ class Breakdown:
 
 
 def qa_file_of(config: dict[str, Any], split: str) -> str | None:
-    """The QA file a split's questions came from, by the run's config (`data.*_file`)."""
+    """The QA file a split's questions came from, by the run's config (`data.*_file`). A rag-eval run that
+    named no file evaluated a split of the trained run: that run's config names it. A world split the config
+    predates (`test_paraphrase` of a run trained before it existed) is the world build's file of that name."""
     data = config.get("data") or {}
     if split == "val":
         return data.get("val_file")
     if split in ("test", "predictions", str(config.get("split_name"))):
-        return data.get("test_file")
-    return (data.get("extra_test_files") or {}).get(split)
+        if data.get("test_file") or not config.get("ckpt_path"):
+            return data.get("test_file")
+        name = str(config.get("split_name") or "test") if split == "predictions" else split
+        return _trained_run_file(str(config["ckpt_path"]), name)
+    named = (data.get("extra_test_files") or {}).get(split)
+    if named or data.get("build") != "world" or not data.get("dir"):
+        return named
+    built = Path(str(data["dir"])) / f"{split}.jsonl"
+    return str(built) if built.is_file() else None
+
+
+def _trained_run_file(ckpt_path: str, split: str) -> str | None:
+    """The file of ``split`` by the config of the run that wrote ``ckpt_path`` (None when it cannot be read)."""
+    saved = Path(ckpt_path).resolve().parent.parent / RESOLVED_CONFIG
+    try:
+        config = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return qa_file_of({**config, "split_name": None, "ckpt_path": None}, split)
 
 
 def read_qa_rows(path: Path) -> dict[str, dict]:
