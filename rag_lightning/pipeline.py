@@ -451,14 +451,19 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 def load_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a Lightning checkpoint, read without unpickling arbitrary objects; a truncated or
+    """Model weights from a Lightning checkpoint (load_checkpoint)."""
+    return load_checkpoint(ckpt_path)["state_dict"]
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint (weights and records), read without unpickling arbitrary objects; a truncated or
     corrupt file is a user error naming it and the run's other checkpoints."""
     from rag_lightning.resume import checkpoint_problem, others
 
     problem = checkpoint_problem(Path(ckpt_path))
     if problem:
         raise ConfigError(f"{problem}. Fix: use another checkpoint of the run (there: {others(Path(ckpt_path))})")
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
 
 
 def check_checkpoint_fits(module: Any, ckpt_path: str | Path) -> None:
@@ -650,9 +655,10 @@ def load_trained(run_cfg: DictConfig, ckpt_path: str, output_dir: str) -> tuple[
     """Module and data module of a trained run, weights from `ckpt_path`."""
     with open_dict(run_cfg):
         run_cfg.paths.output_dir = output_dir
-    weights = load_state_dict(ckpt_path)  # a damaged checkpoint stops before the index is opened
+    checkpoint = load_checkpoint(ckpt_path)  # a damaged checkpoint stops before the index is opened
     s, module, datamodule = setup(run_cfg)
-    module.load_state_dict(weights)
+    module.check_tokenizer(checkpoint, str(ckpt_path))
+    module.load_state_dict(checkpoint["state_dict"])
     module.eval()
     if module.context_encoder is not None:  # trained: search an index of the checkpoint's context encoder
         from rag_lightning.retrieval.refresh import use_matching

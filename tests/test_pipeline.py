@@ -90,6 +90,16 @@ def test_eval_reproduces_the_test_stage(tmp_path, tiny_train_config, eval_config
     test_stage = (run / "predictions_test.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [json.loads(line) for line in test_stage]  # the same records
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/em"] == pytest.approx(results["test/em"])
+    # the checkpoint records its generator vocabulary; weights read through another vocabulary are refused
+    from rag_lightning.config import ConfigError
+    from rag_lightning.models.module import TOKENIZER_KEY
+
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert len(ckpt[TOKENIZER_KEY]) == 64
+    ckpt[TOKENIZER_KEY] = "0" * 64
+    torch.save(ckpt, run / "checkpoints" / "other_vocab.ckpt")
+    with pytest.raises(ConfigError, match="another generator tokenizer"):
+        evaluate(eval_config(run / "checkpoints" / "other_vocab.ckpt", tmp_path / "eval_other"))
 
 
 def test_resume_runs_only_the_remaining_steps_and_ends_as_an_uninterrupted_run(tmp_path, tiny_train_config, monkeypatch):

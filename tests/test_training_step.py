@@ -320,3 +320,21 @@ def test_question_word_dropout_masks_the_question_in_training_contexts_only(tiny
     module.training = False
     assert torch.equal(module.retrieve(batch, k)["context_input_ids"], evaluated)  # eval never masks
     assert mask_id not in evaluated.tolist()[0]
+
+
+def test_checkpoints_record_the_generator_vocabulary_and_a_resume_through_another_is_refused(tiny_module):
+    from rag_lightning.config import ConfigError
+    from rag_lightning.data.gen_tokenizer import vocabulary_fingerprint
+    from rag_lightning.models.module import TOKENIZER_KEY
+
+    module, _ = tiny_module()
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint[TOKENIZER_KEY] == vocabulary_fingerprint(module.tokenizer)
+    module.on_load_checkpoint(checkpoint)  # the same vocabulary: fine
+    module.on_load_checkpoint({})  # written before the record existed: not checked
+    vocab = dict(module.tokenizer.get_vocab())
+    other = SimpleNamespace(get_vocab=lambda: {**vocab, "<extra>": len(vocab)})
+    assert vocabulary_fingerprint(other) != checkpoint[TOKENIZER_KEY]
+    with pytest.raises(ConfigError, match="another generator tokenizer"):
+        module.on_load_checkpoint({TOKENIZER_KEY: vocabulary_fingerprint(other)})

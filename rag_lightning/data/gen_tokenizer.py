@@ -19,10 +19,13 @@ across processes too (tests/test_world.py checks it; the world build compares wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -139,3 +142,10 @@ def load_generator_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             "or point data.generator_tokenizer at a tokenizer directory"
         )
     return PreTrainedTokenizerFast.from_pretrained(str(p))
+
+
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's token -> id map: what a trained generator's weights are tied to. Two tokenizers
+    trained on other texts (a world build of another format) differ here even at the same vocabulary size."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()

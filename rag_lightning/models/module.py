@@ -19,6 +19,7 @@ from torch import nn
 
 from rag_lightning import metrics
 from rag_lightning.config import ConfigError, Mode, ModelConfig
+from rag_lightning.data.gen_tokenizer import vocabulary_fingerprint
 from rag_lightning.data.tasks import Task
 from rag_lightning.errors import UserError
 from rag_lightning.files import write_text_atomic
@@ -65,6 +66,9 @@ def contrastive_retrieval_loss(
 
 class NonFiniteLossError(UserError, ArithmeticError):
     """The training loss became nan or inf: training stops, naming the step, with the checkpoints kept."""
+
+
+TOKENIZER_KEY = "generator_tokenizer_sha256"  # in every checkpoint: the vocabulary its weights were trained with
 
 
 class RagModule(L.LightningModule):
@@ -499,6 +503,30 @@ class RagModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         ret = self.retrieve(batch, self.cfg.eval_docs) if self.mode != Mode.closed_book else None
         return self.records(batch, self.answer(batch, ret), ret)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which generator vocabulary the weights were trained with (see check_tokenizer)."""
+        if self.tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = vocabulary_fingerprint(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_tokenizer(checkpoint, "the checkpoint to resume from")
+
+    def check_tokenizer(self, checkpoint: dict[str, Any], what: str) -> None:
+        """Weights trained with one generator vocabulary read garbage through another of the same size (a data
+        set rebuilt with other templates trains another tokenizer): refuse instead of answering wrongly.
+        Checkpoints written before the record existed are not checked."""
+        recorded = checkpoint.get(TOKENIZER_KEY)
+        if recorded is None or self.tokenizer is None:
+            return
+        if recorded != vocabulary_fingerprint(self.tokenizer):
+            raise ConfigError(
+                f"{what} was trained with another generator tokenizer than this run loads (its vocabulary differs: "
+                "the data set was rebuilt since, e.g. by a rag_lightning version whose world format changed the "
+                "training questions). Fix: evaluate or resume with the data the run was trained on (the "
+                "rag_lightning version and data options of its config_resolved.yaml), or train again"
+            )
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
