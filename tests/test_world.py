@@ -20,46 +20,15 @@ from rag_lightning.data.gen_tokenizer import load_generator_tokenizer, train_gen
 from rag_lightning.data.prepare_data import PrepareError, ensure_prepared
 from rag_lightning.data.readers import read_corpus, read_qa
 from rag_lightning.data.world_templates import QUESTIONS
-
-SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
-SMALL = {
-    "min_city_population": 2_000_000,
-    "vocab_size": 1000,
-    "max_train_questions": 500,
-    "max_eval_questions": 50,
-}
-
-
-def data_node(tmp: Path, name: str = "world", *overrides: str) -> Any:
-    """The composed `data` node, as rag-prepare composes it."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("prepare", overrides=[f"data={name}", f"paths.cache_dir={tmp}", *overrides])
-    return cfg.data
-
-
-def data_config(tmp: Path, name: str = "world", *overrides: str) -> DataConfig:
-    """The typed `data` section, as rag-prepare builds it."""
-    return section(DataConfig, data_node(tmp, name, *overrides), "data")
-
-
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+from tests.world_builds import SMALL, SPLITS, data_config, data_node, load_jsonl, read_build
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The full default world set, built through the config like `rag-prepare data=world`."""
-    cfg = data_config(tmp_path_factory.mktemp("cache"))
-    manifest = ensure_prepared(cfg)
-    root = Path(manifest["dir"])
-    return {
-        "cfg": cfg,
-        "manifest": manifest,
-        "root": root,
-        "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
-        "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
-        "fever": {s: load_jsonl(root / "fever" / f"{s}.jsonl") for s in world.FEVER_SPLITS},
-    }
+    build = read_build(data_config(tmp_path_factory.mktemp("cache")))
+    build["fever"] = {s: load_jsonl(build["root"] / "fever" / f"{s}.jsonl") for s in world.FEVER_SPLITS}
+    return build
 
 
 def test_counts_and_manifest(built: dict[str, Any]) -> None:

@@ -18,9 +18,8 @@ from rag_lightning.data.world_sources import fold
 from rag_lightning.data.world_templates import QUESTIONS
 from rag_lightning.metrics import scores_by_category
 from rag_lightning.pipeline import BREAKDOWN_FILE, write_breakdown
-from tests.test_world import SMALL, data_config, data_node, load_jsonl
+from tests.world_builds import SMALL, SPLITS, data_config, data_node, read_build
 
-SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
 # a small world set, every held-out fact kept (no cap on the eval splits)
 OPTIONS = [f"data.world.{k}={v}" for k, v in {**SMALL, "max_eval_questions": 100_000}.items()]
 
@@ -86,16 +85,7 @@ def test_no_training_phrasing_comes_close_to_a_paraphrase_of_its_relation() -> N
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The small world set (OPTIONS), built as rag-prepare builds it."""
-    cfg = data_config(tmp_path_factory.mktemp("cache"), "world", *OPTIONS)
-    manifest = ensure_prepared(cfg)
-    root = Path(manifest["dir"])
-    return {
-        "cfg": cfg,
-        "manifest": manifest,
-        "root": root,
-        "passages": {p["id"]: p for p in load_jsonl(root / "corpus.jsonl")},
-        "splits": {s: load_jsonl(root / f"{s}.jsonl") for s in SPLITS},
-    }
+    return read_build(data_config(tmp_path_factory.mktemp("cache"), "world", *OPTIONS))
 
 
 def test_paraphrase_split_asks_the_test_facts_of_held_out_subjects(small: dict[str, Any]) -> None:
