@@ -54,10 +54,11 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import BartConfig, BartForConditionalGeneration, BertTokenizerFast, RagConfig
+from transformers import BartForConditionalGeneration, BertTokenizerFast, RagConfig
 
 from rag_lightning.config import (
     DecodingConfig,
+    GeneratorConfig,
     IndexConfig,
     Mode,
     ModelConfig,
@@ -69,6 +70,7 @@ from rag_lightning.data.datamodule import Collator, encode_examples
 from rag_lightning.data.gen_tokenizer import load_generator_tokenizer
 from rag_lightning.data.readers import Passage, read_corpus, read_qa
 from rag_lightning.models.encoders import build_context_encoder, build_question_encoder, minilm_dir
+from rag_lightning.models.generator import build_generator as make_generator
 from rag_lightning.models.marginalize import shift_targets
 from rag_lightning.models.module import RagModule
 from rag_lightning.retrieval.encode import encode_passages
@@ -139,28 +141,17 @@ def tiny_question_encoder(spec: dict[str, int]) -> Any:
 
 
 def build_generator(spec: dict[str, Any], tokenizer: Any, max_positions: int) -> BartForConditionalGeneration:
-    """Random-init BART with the special-token ids of ``tokenizer`` (as rag-train's ``kind: random``)."""
-    return BartForConditionalGeneration(
-        BartConfig(
-            vocab_size=spec["vocab_size"] or len(tokenizer),
-            d_model=spec["d_model"],
-            encoder_layers=spec["layers"],
-            decoder_layers=spec["layers"],
-            encoder_attention_heads=spec["heads"],
-            decoder_attention_heads=spec["heads"],
-            encoder_ffn_dim=spec["ffn"],
-            decoder_ffn_dim=spec["ffn"],
-            max_position_embeddings=max_positions,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.eos_token_id,
-            forced_bos_token_id=None,
-            forced_eos_token_id=tokenizer.eos_token_id,
-            # with the default 0.02 a tiny random model answers </s> at once; 0.3 gives answers of some length
-            init_std=0.3 if spec["d_model"] < 100 else 0.02,
-        )
-    )
+    """Random-init BART with the special-token ids of ``tokenizer``: rag-train's ``kind: random`` builder."""
+    architecture = {
+        "d_model": spec["d_model"], "encoder_layers": spec["layers"], "decoder_layers": spec["layers"],
+        "encoder_attention_heads": spec["heads"], "decoder_attention_heads": spec["heads"],
+        "encoder_ffn_dim": spec["ffn"], "decoder_ffn_dim": spec["ffn"], "max_position_embeddings": max_positions,
+        # with the default 0.02 a tiny random model answers </s> at once; 0.3 gives answers of some length
+        "init_std": 0.3 if spec["d_model"] < 100 else 0.02,
+    }  # fmt: skip
+    if spec["vocab_size"]:
+        architecture["vocab_size"] = spec["vocab_size"]
+    return make_generator(GeneratorConfig(kind="random", config=architecture), tokenizer)
 
 
 def hf_retriever(config: RagConfig, passages: Sequence[Passage], vectors: np.ndarray, q_tok: Any, gen_tok: Any):

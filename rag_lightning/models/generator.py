@@ -57,17 +57,16 @@ def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) ->
 
         model = rag_generator(cfg.name_or_path, model_class, **extra)
     else:
-        config = BartConfig(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.eos_token_id,
-            forced_bos_token_id=None,
-            forced_eos_token_id=tokenizer.eos_token_id,
-            **extra,
-            **cfg.config,
-        )
+        ids = {
+            "vocab_size": len(tokenizer),  # a larger one in cfg.config wins (the bart-base-shaped benchmark's)
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.eos_token_id,
+            "forced_bos_token_id": None,
+            "forced_eos_token_id": tokenizer.eos_token_id,
+        }
+        config = BartConfig(**{**ids, **extra, **cfg.config})
         model = model_class(config)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(
