@@ -57,6 +57,19 @@ def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict[str, flo
     }
 
 
+def numeric_fields(records: list[dict]) -> list[str]:
+    """Every field that is a number in at least one record, in first-seen order.
+
+    One record is not enough: a metric may be null for that one (factuality of a sentence with no fact).
+    """
+    seen: dict[str, None] = {}
+    for record in records:
+        for k, v in record.items():
+            if k != "id" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                seen.setdefault(k)
+    return list(seen)
+
+
 def field(record: dict, name: str) -> Any:
     return record.get(name, (record.get("meta") or {}).get(name))
 
@@ -74,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not common:
         print(f"no question ids in common between {args.a} and {args.b}", file=sys.stderr)
         return 2
-    sample = a[next(iter(common))]
-    metrics = args.metrics or [k for k, v in sample.items() if isinstance(v, (int, float)) and k != "id"]
+    metrics = args.metrics or numeric_fields([a[i] for i in sorted(common)])
     out: dict[str, Any] = {"a": str(args.a), "b": str(args.b), "questions": len(common), "metrics": {}}
     print(f"{len(common)} questions in both; A = {args.a}, B = {args.b}")
     print(f"{'metric':16s} {'n':>5s} {'A':>8s} {'B':>8s} {'A - B':>8s} {'SE':>7s} {'z':>6s}")

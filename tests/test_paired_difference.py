@@ -47,3 +47,17 @@ def test_files_with_no_common_question_are_refused(tmp_path):
     b = _write(tmp_path / "b.jsonl", [{"id": "y", "em": 1.0}])
     proc = subprocess.run([sys.executable, str(SCRIPT), str(a), str(b)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no question ids in common" in proc.stderr
+
+
+def test_a_metric_null_in_some_records_is_still_compared(tmp_path):
+    """Metrics are found over all records: the first one's null factuality must not hide the metric."""
+    a = _write(tmp_path / "a.jsonl", [
+        {"id": "a1", "em": 1.0, "factuality": None},
+        {"id": "a2", "em": 1.0, "factuality": 1.0},
+        {"id": "a3", "em": 0.0, "factuality": 0.5},
+    ])  # fmt: skip
+    b = _write(tmp_path / "b.jsonl", [{"id": f"a{i}", "em": 0.0, "factuality": 0.0} for i in (1, 2, 3)])
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(a), str(b), "--json", str(out)], check=True, capture_output=True)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics) == {"em", "factuality"} and metrics["factuality"]["n"] == 2
