@@ -130,6 +130,10 @@ class TaskConfig:
     constrained_decoding: bool = False
     # dialogue: turns of the history are lines of the input; the oldest are dropped to fit the input length
     turn_separator: str = "\n"
+    # dialogue: the generator reads only the newest N lines of the history (null: all that fit); the retriever
+    # reads all that fit. The retrieved passage names what "that country" means, and a long history would
+    # otherwise take the context's room from the passage (docs/tasks.md, world_dialogue)
+    generator_turns: int | None = None
     # KILT provenance metrics (R-precision, recall@k of pages, KILT scores) where examples carry provenance
     kilt_metrics: bool = True
 
@@ -143,6 +147,11 @@ class TaskConfig:
             raise ConfigError(f"{prefix}.monitor={self.monitor!r} is not one of {prefix}.metrics={self.metrics}")
         if self.name == "verification" and len(set(self.labels)) < 2:
             raise ConfigError(f"{prefix}.labels={self.labels} needs at least two distinct labels")
+        if self.generator_turns is not None and (self.name != "dialogue" or self.generator_turns < 1):
+            raise ConfigError(
+                f"{prefix}.generator_turns={self.generator_turns} needs {prefix}.name=dialogue and a value >= 1 "
+                "(or null: the generator reads the whole history)"
+            )
         if self.constrained_decoding and self.name != "verification":
             raise ConfigError(f"{prefix}.constrained_decoding=true needs {prefix}.name=verification (a label set)")
 

@@ -120,6 +120,31 @@ def test_dialogue_inputs_fit_both_tokenizers_newest_turn_last(
     assert gen.decode(claim.target_ids, skip_special_tokens=True).strip() == "SUPPORTS"
 
 
+def test_dialogue_generator_reads_the_newest_turns_the_retriever_the_history(
+    tmp_path: Path, make_gen_tokenizer, ctx_tokenizer
+) -> None:
+    gen, ctx = make_gen_tokenizer(tmp_path / "tok"), ctx_tokenizer()
+    history = "What is the capital of Peru?\nLima.\nAnd which currency is used in that country?"
+    example = QAExample("d1", history, ("Sol",))
+    [last] = encode_examples([example], ctx, gen, max_question_length=128, max_answer_length=16,
+                             task=task("dialogue", generator_turns=1))  # fmt: skip
+    [two] = encode_examples([example], ctx, gen, max_question_length=128, max_answer_length=16,
+                            task=task("dialogue", generator_turns=2))  # fmt: skip
+    [whole] = encode_examples([example], ctx, gen, max_question_length=128, max_answer_length=16,
+                              task=task("dialogue"))  # fmt: skip
+    newest = " And which currency is used in that country?"
+    assert last.question_generator_ids == gen(newest, add_special_tokens=False)["input_ids"]
+    assert two.question_generator_ids == gen(" Lima.\n" + newest[1:], add_special_tokens=False)["input_ids"]
+    assert whole.question_generator_ids == gen(" " + history, add_special_tokens=False)["input_ids"]
+    # the retriever and the records keep the whole history
+    assert last.question_encoder_ids == whole.question_encoder_ids == ctx(history)["input_ids"]
+    assert last.input_text == history
+    with pytest.raises(ConfigError, match="task.generator_turns=1 needs task.name=dialogue"):
+        task("qa", generator_turns=1)
+    with pytest.raises(ConfigError, match="task.generator_turns=0 needs"):
+        task("dialogue", generator_turns=0)
+
+
 def test_constrained_decoding_picks_the_label_with_the_lowest_nll(tmp_path: Path, make_gen_tokenizer) -> None:
     from rag_lightning.models.generator import build_generator
     from rag_lightning.models.module import RagModule

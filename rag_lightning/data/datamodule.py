@@ -62,7 +62,7 @@ def encode_examples(
     inputs = [task.input_text(ex, fits) for ex in examples]
     # every generator-side piece starts with one space (see data/pieces.py), so the question
     # ids placed in a context and the answer ids copied from a passage tokenise as they do inside text
-    questions = [" " + text for text in inputs]
+    questions = [" " + task.generator_text(text) for text in inputs]
     q_enc = question_tokenizer(inputs, truncation=True, max_length=max_question_length)["input_ids"]
     q_gen = generator_tokenizer(  # one token more than kept, to tell the inputs that were cut
         questions, add_special_tokens=False, truncation=True, max_length=max_question_length + 1

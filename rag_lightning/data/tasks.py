@@ -10,7 +10,8 @@ config group) decides what the generator reads and writes and which metrics run:
   checks the numbers and names a generated text states against the example's gold passages (read from
   ``corpus_file`` on first use): the share found there, per output that states any beyond its input.
 - ``dialogue`` (Wizard of Wikipedia): the history, one turn per line, newest last, cut from the oldest turn
-  to fit the input length; scored like generation.
+  to fit the input length; scored like generation. ``generator_turns`` gives the generator only the newest
+  turns (the retriever still reads the history).
 
 Wherever examples carry KILT provenance (pages per gold output), the KILT metrics run beside the task's
 own: R-precision and recall@k of the retrieved pages, and the KILT scores (a downstream point counts only
@@ -52,6 +53,12 @@ class Task:
             return example.question.strip()
         turns = [t.strip() for t in example.question.split(self.cfg.turn_separator) if t.strip()]
         return fit_history(turns, fits or (lambda _: True))
+
+    def generator_text(self, input_text: str) -> str:
+        """What the generator reads of ``input_text``: all of it, or a dialogue's newest ``generator_turns``."""
+        if self.name != "dialogue" or not self.cfg.generator_turns:
+            return input_text
+        return "\n".join(input_text.split("\n")[-self.cfg.generator_turns :])
 
     def target_text(self, example: QAExample) -> str:
         """What the generator learns to write: the first answer (the label, for verification)."""
