@@ -29,6 +29,7 @@ from rag_lightning.config import (
     DataConfig,
     IndexConfig,
     LoaderConfig,
+    Mode,
     ModelConfig,
     PathsConfig,
     QuestionEncoderConfig,
@@ -75,7 +76,7 @@ def sections(cfg: DictConfig) -> Sections:
     for key in ("data", "model", "index", "loader", "paths"):
         if key not in cfg:
             raise ConfigError(f"config has no `{key}` section; compose from conf/train.yaml")
-    return Sections(
+    out = Sections(
         data=section(DataConfig, cfg.data, "data"),
         model=section(ModelConfig, cfg.model, "model"),
         index=section(IndexConfig, cfg.index, "index"),
@@ -86,6 +87,12 @@ def sections(cfg: DictConfig) -> Sections:
         max_answer_length=int(cfg.max_answer_length),
         task=section(TaskConfig, cfg.get("task") or {}, "task"),  # runs saved before tasks: qa
     )
+    if out.task.generator_turns is not None and out.model.mode == Mode.closed_book:
+        raise ConfigError(
+            f"task.generator_turns={out.task.generator_turns} with model.mode=closed_book: with no passages the "
+            "generator would not see what the dialogue refers to. Fix: task.generator_turns=null"
+        )
+    return out
 
 
 def job_overrides(cfg: DictConfig) -> list[str]:

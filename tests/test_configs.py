@@ -48,6 +48,19 @@ def test_experiments_set_what_they_claim():
     assert _compose("train", "experiment=world_frozen_retriever").model.freeze_question_encoder is True
     # a command-line override beats the experiment
     assert _compose("train", "experiment=world_rag_sequence", "model=rag_token").model.mode == "rag_token"
+    # the main job searches dense + BM25; dialogue's generator reads the newest turn, its closed book the history
+    assert _compose("train").index.hybrid is True and _compose("train", "index=flat").index.hybrid is False
+    assert sections(_compose("train", "experiment=world_dialogue", "paths.output_dir=/tmp/x")).task.generator_turns == 1
+    closed = _compose("train", "experiment=world_dialogue_closed_book", "paths.output_dir=/tmp/x")
+    assert sections(closed).task.generator_turns is None
+
+
+def test_a_closed_book_dialogue_that_hides_the_history_is_refused():
+    from rag_lightning.config import ConfigError
+
+    cfg = _compose("train", "experiment=world_dialogue_closed_book", "task.generator_turns=1", "paths.output_dir=/tmp/x")
+    with pytest.raises(ConfigError, match=r"task.generator_turns=1 with model.mode=closed_book.*Fix: task.generator_turns=null"):
+        sections(cfg)
 
 
 @pytest.mark.parametrize("name", ["train", "eval", "predict", "prepare", "index"])
