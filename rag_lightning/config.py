@@ -256,6 +256,9 @@ class DecodingConfig:
     num_beams: int = 1
     max_new_tokens: int = 24
     sequence_mode: SequenceDecoding = SequenceDecoding.fast
+    # finish a word whose first pieces were copied from a passage the way the passage spells it
+    # (models/word_completion.py); RAG modes only: a closed-book generator has no passage to copy from
+    complete_copied_words: bool = False
 
     def check(self, prefix: str) -> None:
         _positive(f"{prefix}.num_beams", self.num_beams)
@@ -311,6 +314,9 @@ class ModelConfig:
         if self.train_context_encoder and not self.retrieves:
             raise ConfigError(f"{prefix}.train_context_encoder=true needs retrieval: mode={Mode(self.mode).value} reads no "
                               "passages")
+        if self.decoding.complete_copied_words and not self.retrieves:
+            raise ConfigError(f"{prefix}.decoding.complete_copied_words=true finishes words copied from passages: "
+                              f"mode=closed_book reads none. Fix: {prefix}.decoding.complete_copied_words=false")
         if self.train_context_encoder and self.freeze_question_encoder:
             raise ConfigError(f"{prefix}.train_context_encoder=true trains the retriever, "
                               f"{prefix}.freeze_question_encoder=true freezes it: set one of them to false")

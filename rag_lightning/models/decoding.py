@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from rag_lightning.models.marginalize import sequence_nll_per_example, shift_targets
+from rag_lightning.models.word_completion import CopiedWordCompletion, WordPieces
 
 FromConfig = Literal["config"]
 _NEG = -1.0e9  # transformers' "never pick this beam" offset; kept identical so ties break the same way
@@ -63,12 +64,16 @@ class _Processors:
     forced_bos_token_id: int | None
     forced_eos_token_id: int | None
     max_new_tokens: int
+    complete_words: CopiedWordCompletion | None = None  # not a transformers processor: ours, off by default
 
-    def __call__(self, logprobs: Tensor, step: int) -> Tensor:
-        """``step`` counts generated tokens so far (0 when choosing the first one)."""
+    def __call__(self, logprobs: Tensor, step: int, prefixes: Tensor | None = None) -> Tensor:
+        """``step`` counts generated tokens so far (0 when choosing the first one); ``prefixes`` (R, t) are the
+        hypotheses' tokens so far, which only the word-completion rule reads."""
         if self.eos_token_id is not None and step < self.min_new_tokens:
             logprobs = logprobs.clone()
             logprobs[:, self.eos_token_id] = -float("inf")
+        if self.complete_words is not None and prefixes is not None:
+            logprobs = self.complete_words(logprobs, prefixes)
         if self.forced_bos_token_id is not None and step == 0:
             logprobs = _force(logprobs, self.forced_bos_token_id)
         if self.forced_eos_token_id is not None and step == self.max_new_tokens - 1:
@@ -185,7 +190,7 @@ def _greedy(
     unfinished = torch.ones(n_rows, dtype=torch.bool, device=device)
     for cur in range(max_new_tokens):
         raw = step(sequences, None)
-        tokens = processors(raw, cur).argmax(dim=-1)
+        tokens = processors(raw, cur, sequences).argmax(dim=-1)
         tokens = torch.where(unfinished, tokens, pad)
         chosen = torch.where(unfinished, raw.gather(1, tokens[:, None]).squeeze(1), 0.0)
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
@@ -241,9 +246,10 @@ def _beam_search(
     reorder = None
 
     for cur in range(1, total):
-        raw = step(seqs[:, :, :cur].reshape(n_rows * num_beams, cur), reorder)  # (N*nb, V)
+        prefixes = seqs[:, :, :cur].reshape(n_rows * num_beams, cur)
+        raw = step(prefixes, reorder)  # (N*nb, V)
         vocab = raw.shape[-1]
-        processed = processors(raw, cur - 1).view(n_rows, num_beams, vocab) + run_scores.unsqueeze(-1)
+        processed = processors(raw, cur - 1, prefixes).view(n_rows, num_beams, vocab) + run_scores.unsqueeze(-1)
         top_scores, top_index = processed.view(n_rows, -1).topk(keep, dim=1)
         parent, token = top_index // vocab, top_index % vocab
         cand_seqs = _gather(seqs, parent)
@@ -387,14 +393,16 @@ def rag_token_generate(
     pad_token_id: int | None = None,
     forced_bos_token_id: int | None | FromConfig = "config",
     forced_eos_token_id: int | None | FromConfig = "config",
+    word_pieces: WordPieces | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
     """RAG-Token decoding: greedy (``num_beams=1``) or beam search over the per-step passage mixture.
 
     Token ids left as None come from the generator's config; ``forced_*_token_id`` default to the config
     too (BART sets ``forced_eos_token_id``) and ``None`` switches them off. ``max_new_tokens`` counts the
-    tokens after the decoder start (transformers' ``max_length`` is one more). Returns (B*R, L) token ids,
-    or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
+    tokens after the decoder start (transformers' ``max_length`` is one more). ``word_pieces`` switches on
+    the rule that finishes a word copied from the passages (models/word_completion.py). Returns (B*R, L)
+    token ids, or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
     """
     ids, processors = _setup(
         generator, context_input_ids, doc_scores, n_docs=n_docs, num_beams=num_beams,
@@ -403,6 +411,9 @@ def rag_token_generate(
         pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
     )  # fmt: skip
     batch = doc_scores.shape[0]
+    if word_pieces is not None:
+        sources = context_input_ids.masked_fill(context_attention_mask.eq(0), -1).view(batch, n_docs, -1)
+        processors.complete_words = CopiedWordCompletion(sources, word_pieces, num_beams)
     hidden = _encode(generator, context_input_ids, context_attention_mask)
     step = _mixture_step(generator, hidden, context_attention_mask, doc_scores.log_softmax(dim=-1), num_beams)
     hyps = _search(
@@ -439,6 +450,7 @@ def rag_sequence_generate(
     forced_bos_token_id: int | None | FromConfig = "config",
     forced_eos_token_id: int | None | FromConfig = "config",
     score_batch_size: int | None = None,
+    word_pieces: WordPieces | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
     """RAG-Sequence decoding: ``num_beams`` beams per passage, candidates ranked by ``p(y|x)``.
@@ -448,8 +460,10 @@ def rag_sequence_generate(
     per pass bounds memory). ``mode="fast"`` is the paper's Fast Decoding: ``p(y|x,z)`` is the beam's own
     (unprocessed, un-normalised) log-likelihood when passage z's beam produced y and 0 otherwise, so no pass
     beyond the beam search. As in transformers, a leading BOS is not scored (``exclude_bos_score``) and
-    ``dedupe`` keeps the first copy of candidates several passages produced. Returns (B*R, L) token ids,
-    best first, or a :class:`RagGenerationOutput` with the ranking log-scores when ``return_scores``.
+    ``dedupe`` keeps the first copy of candidates several passages produced. ``word_pieces``: as in
+    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage. Returns
+    (B*R, L) token ids, best first, or a :class:`RagGenerationOutput` with the ranking log-scores when
+    ``return_scores``.
     """
     if mode not in ("thorough", "fast"):
         raise ValueError(f"mode must be 'thorough' or 'fast', got {mode!r}")
@@ -462,6 +476,9 @@ def rag_sequence_generate(
     if exclude_bos_score and ids["bos"] is None:
         exclude_bos_score = False  # nothing to exclude, as in transformers
     batch, device = doc_scores.shape[0], context_input_ids.device
+    if word_pieces is not None:
+        sources = context_input_ids.masked_fill(context_attention_mask.eq(0), -1).unsqueeze(1)
+        processors.complete_words = CopiedWordCompletion(sources, word_pieces, num_beams)
     hidden = _encode(generator, context_input_ids, context_attention_mask)
     no_mixing = torch.zeros(batch * n_docs, 1, device=device)
     step = _mixture_step(generator, hidden, context_attention_mask, no_mixing, num_beams)

@@ -28,6 +28,7 @@ from rag_lightning.models.decoding import rag_sequence_generate, rag_token_gener
 from rag_lightning.models.encoder_split import encode_bottom, encode_top, freeze_bottom
 from rag_lightning.models.encoders import encode_texts, encoder_pad_id
 from rag_lightning.models.marginalize import closed_book_nll, rag_sequence_nll, rag_token_nll
+from rag_lightning.models.word_completion import WordPieces
 
 
 def with_specials(ids: torch.Tensor, mask: torch.Tensor, bos: int, eos: int, pad: int):
@@ -96,6 +97,7 @@ class RagModule(L.LightningModule):
         self.task = task or Task()  # scores the outputs; the module only computes losses and generates
         self._outputs: dict[str, tuple[list[str], list[list[str]]]] = {}  # per split, for corpus-level metrics
         self.tokenizer = generator_tokenizer
+        self._pieces: WordPieces | None = None  # the vocabulary's word classes, built on first use
         self.retriever = retriever
         self.predictions_dir = predictions_dir
         self.sample_table_size = sample_table_size
@@ -358,6 +360,12 @@ class RagModule(L.LightningModule):
             "in the data"
         )
 
+    def _word_pieces(self) -> WordPieces:
+        """The generator vocabulary's word classes, for ``decoding.complete_copied_words`` (built once)."""
+        if self._pieces is None:
+            self._pieces = WordPieces.from_tokenizer(self.tokenizer)
+        return self._pieces
+
     def generate(self, batch: dict, ret: dict | None) -> tuple[torch.Tensor, int]:
         """Answer token ids (B, L) with the mode's decoder."""
         dec = self.cfg.decoding
@@ -377,13 +385,17 @@ class RagModule(L.LightningModule):
             )
         args = (self.generator, ret["context_input_ids"], ret["context_attention_mask"], ret["doc_scores"])
         n_docs = ret["doc_scores"].shape[1]
+        pieces = self._word_pieces() if dec.complete_copied_words else None
         if self.mode == Mode.rag_token:
-            return rag_token_generate(*args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens)
+            return rag_token_generate(
+                *args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens, word_pieces=pieces
+            )
         return rag_sequence_generate(
             *args,
             n_docs=n_docs,
             num_beams=dec.num_beams,
             max_new_tokens=dec.max_new_tokens,
+            word_pieces=pieces,
             mode=dec.sequence_mode.value if hasattr(dec.sequence_mode, "value") else dec.sequence_mode,
         )
 
