@@ -412,8 +412,9 @@ def rag_token_generate(
     )  # fmt: skip
     batch = doc_scores.shape[0]
     if word_pieces is not None:
-        sources = context_input_ids.masked_fill(context_attention_mask.eq(0), -1).view(batch, n_docs, -1)
-        processors.complete_words = CopiedWordCompletion(sources, word_pieces, num_beams)
+        processors.complete_words = CopiedWordCompletion.from_contexts(
+            context_input_ids, context_attention_mask, batch, word_pieces, num_beams
+        )
     hidden = _encode(generator, context_input_ids, context_attention_mask)
     step = _mixture_step(generator, hidden, context_attention_mask, doc_scores.log_softmax(dim=-1), num_beams)
     hyps = _search(
@@ -477,8 +478,9 @@ def rag_sequence_generate(
         exclude_bos_score = False  # nothing to exclude, as in transformers
     batch, device = doc_scores.shape[0], context_input_ids.device
     if word_pieces is not None:
-        sources = context_input_ids.masked_fill(context_attention_mask.eq(0), -1).unsqueeze(1)
-        processors.complete_words = CopiedWordCompletion(sources, word_pieces, num_beams)
+        processors.complete_words = CopiedWordCompletion.from_contexts(
+            context_input_ids, context_attention_mask, batch * n_docs, word_pieces, num_beams
+        )
     hidden = _encode(generator, context_input_ids, context_attention_mask)
     no_mixing = torch.zeros(batch * n_docs, 1, device=device)
     step = _mixture_step(generator, hidden, context_attention_mask, no_mixing, num_beams)

@@ -67,6 +67,14 @@ class CopiedWordCompletion:
                         found[token].append((m, position))
             self.where.append(found)
 
+    @classmethod
+    def from_contexts(
+        cls, context_input_ids: Tensor, context_attention_mask: Tensor, n_rows: int, pieces: WordPieces, num_beams: int
+    ) -> CopiedWordCompletion:
+        """The rule over (n_rows*M, S) contexts, M per search row; padding never counts as a word's next piece."""
+        sources = context_input_ids.masked_fill(context_attention_mask.eq(0), -1)
+        return cls(sources.view(n_rows, -1, sources.shape[-1]), pieces, num_beams)
+
     def _word(self, prefix: list[int]) -> list[int] | None:
         """The letters written since the last word start, as token ids, or None if the prefix is not in a word."""
         starts, continues = self.pieces.starts, self.pieces.continues
