@@ -209,13 +209,16 @@ class GeneratorConfig:
     copy_continuation_bigram: bool = False  # with copy: the same on the last two tokens emitted
     question_match: bool = False  # with copy: DrQA's exact-match feature between question and passage
     question_match_unique: bool = False  # with question_match: a mark for a token that occurs once
+    # with copy: the question encoder's vector of the question, projected onto the generator encoder's first
+    # position, so the reader sees what the pretrained encoder understood of a paraphrase (docs/paraphrase.md)
+    question_view: bool = False
     name_or_path: str | None = None  # pretrained: a hub name or a save_pretrained directory; rag: a RAG checkpoint
     tokenizer: str | None = None  # a tokenizer directory; None: the pretrained model's own
     config: dict[str, Any] = field(default_factory=dict)  # random: BartConfig arguments
 
     def check(self, prefix: str = "model.generator") -> None:
         _one_of(f"{prefix}.kind", self.kind, GENERATOR_KINDS)
-        for key in ("copy_continuation", "copy_continuation_bigram", "question_match"):
+        for key in ("copy_continuation", "copy_continuation_bigram", "question_match", "question_view"):
             if getattr(self, key) and not self.copy:
                 raise ConfigError(f"{prefix}.{key}=true needs {prefix}.copy=true")
         if self.question_match_unique and not self.question_match:
@@ -314,6 +317,9 @@ class ModelConfig:
         if self.train_context_encoder and not self.retrieves:
             raise ConfigError(f"{prefix}.train_context_encoder=true needs retrieval: mode={Mode(self.mode).value} reads no "
                               "passages")
+        if self.generator.question_view and not self.retrieves:
+            raise ConfigError(f"{prefix}.generator.question_view=true reads the retriever's question vector: "
+                              f"mode=closed_book has none. Fix: {prefix}.generator.question_view=false")
         if self.decoding.complete_copied_words and not self.retrieves:
             raise ConfigError(f"{prefix}.decoding.complete_copied_words=true finishes words copied from passages: "
                               f"mode=closed_book reads none. Fix: {prefix}.decoding.complete_copied_words=false")

@@ -127,13 +127,14 @@ def retrieval_spec(s: Sections, command: str, named: tuple[str, ...] = ()):
 
 def build_module(s: Sections, generator_tokenizer: Any, retriever: Any) -> Any:
     from rag_lightning.data.tasks import build_task
-    from rag_lightning.models.encoders import build_context_encoder, build_question_encoder
+    from rag_lightning.models.encoders import build_context_encoder, build_question_encoder, vector_width
     from rag_lightning.models.generator import build_generator
     from rag_lightning.models.module import RagModule
 
+    question_encoder = build_question_encoder(s.model.question_encoder)
     return RagModule(
-        build_question_encoder(s.model.question_encoder),
-        build_generator(s.model.generator, generator_tokenizer),
+        question_encoder,
+        build_generator(s.model.generator, generator_tokenizer, question_dim=vector_width(question_encoder)),
         s.model,
         generator_tokenizer=generator_tokenizer,
         retriever=retriever,

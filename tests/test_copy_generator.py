@@ -15,9 +15,15 @@ from rag_lightning.models.copy_generator import (
 
 
 def _model(
-    seed: int = 0, continuation: bool = False, match: bool = False, unique: bool = False, bigram: bool = False
+    seed: int = 0,
+    continuation: bool = False,
+    match: bool = False,
+    unique: bool = False,
+    bigram: bool = False,
+    view: int | None = None,
 ) -> CopyBartForConditionalGeneration:
     cfg = BartConfig(
+        question_view_dim=view,
         copy_continuation=continuation,
         copy_continuation_bigram=bigram,
         question_match_separator=[7, 8] if match else None,
@@ -293,3 +299,75 @@ def test_rag_token_decoder_gives_the_bigram_feature_its_history(beams):
         assert got[0, : prefix.shape[1]].tolist() == prefix[0].tolist()
     else:  # the model refuses a later cached step without history, so beam search got it on every step
         assert got.shape[0] == 1 and got.shape[1] > 1
+
+
+VIEW = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])  # one question vector per context row of SOURCE
+
+
+def test_question_view_enters_the_first_position_only():
+    model = _model(seed=9, view=3)
+    enc = model.get_encoder()
+    plain = model.model.encoder(input_ids=SOURCE, attention_mask=MASK).last_hidden_state
+    embeds = model.model.encoder.embed_tokens(SOURCE)
+    embeds[:, 0] += model.question_view(VIEW)
+    by_hand = model.model.encoder(inputs_embeds=embeds, attention_mask=MASK).last_hidden_state
+    got = enc(input_ids=SOURCE, attention_mask=MASK, question_view=VIEW).last_hidden_state
+    assert torch.allclose(got[..., :-1], by_hand, atol=1e-6)
+    assert not torch.allclose(got[..., :-1], plain, atol=1e-3)  # the view changes what the reader reads
+    assert torch.equal(got[..., -1], SOURCE.float())  # the id channel is untouched
+
+
+def test_question_view_is_required_by_a_reader_of_it_and_refused_by_others():
+    dec = torch.tensor([[2, 5], [2, 9]])
+    with pytest.raises(ValueError, match="pass question_view"):
+        _model(view=3)(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec)
+    with pytest.raises(ValueError, match="no view projection"):
+        _model()(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec, question_view=VIEW)
+
+
+def test_question_view_trains_its_projection_and_survives_save_and_load(tmp_path):
+    model = _model(seed=4, view=3).train()
+    dec = torch.tensor([[2, 5], [2, 9]])
+    out = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec, labels=dec, question_view=VIEW)
+    out.loss.backward()
+    assert model.question_view.weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    again = CopyBartForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec, question_view=VIEW).logits
+    b = again(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec, question_view=VIEW).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_rag_decoders_hand_the_question_view_to_the_encoder(mode):
+    from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
+
+    model = _model(seed=11, view=3)
+    doc_scores = torch.tensor([[0.3, -0.2]])
+    decode = rag_token_generate if mode == "token" else rag_sequence_generate
+    got = decode(model, SOURCE, MASK, doc_scores, n_docs=2, max_new_tokens=5, question_view=VIEW)
+    if mode == "token":  # greedy reference: the marginal of full forwards with the view, one token at a time
+        prefix = torch.tensor([[model.config.decoder_start_token_id]])
+        for _ in range(5):
+            logits = model(
+                input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=prefix.repeat(2, 1), question_view=VIEW
+            ).logits
+            mix = (logits[:, -1].log_softmax(-1) + doc_scores.log_softmax(-1).T).logsumexp(0)
+            prefix = torch.cat([prefix, mix.argmax().view(1, 1)], dim=1)
+            if prefix[0, -1] == model.config.eos_token_id:
+                break
+        assert got[0, : prefix.shape[1]].tolist() == prefix[0].tolist()
+    else:
+        assert got.shape[0] == 1
+    with pytest.raises(ValueError, match="pass question_view"):
+        decode(model, SOURCE, MASK, doc_scores, n_docs=2, max_new_tokens=5)
+
+
+def test_question_view_needs_copy_and_retrieval():
+    from rag_lightning.config import ModelConfig
+
+    node = {"kind": "random", "tokenizer": "tok", "question_view": True}
+    with pytest.raises(ConfigError, match="question_view=true needs model.generator.copy=true"):
+        section(GeneratorConfig, node, "model.generator")
+    with pytest.raises(ConfigError, match="mode=closed_book has none"):
+        section(ModelConfig, {"mode": "closed_book", "generator": {**node, "copy": True}}, "model")

@@ -170,12 +170,41 @@ def test_main_job_reading_features_train_and_reload(tmp_path, tiny_train_config)
         "model.generator.copy_continuation_bigram=true", "model.generator.question_match=true",
         "model.generator.question_match_unique=true", "model.gold_passage_steps=100",
         "model.question_encoder_warmup_steps=0", "model.question_encoder_trainable_layers=1",
+        "model.generator.question_view=true",
     )
     results = train(cfg)
     assert "test/em" in results
     generator = CopyBartForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoints" / "hf" / "generator")
     assert generator.copy_continue is not None and generator.copy_continue_bigram is not None
     assert generator.match_embedding.num_embeddings == 3
+    assert generator.question_view.in_features == generator.config.question_view_dim
+
+
+@pytest.mark.parametrize("index", ["flat", "bm25"])
+def test_the_reader_gets_the_question_vector_of_each_context(tmp_path, tiny_train_config, index):
+    """model.generator.question_view: every context row carries its question's retriever vector, detached (the
+    retriever learns from doc scores only), also when BM25 retrieves and the encoder only reads."""
+    from rag_lightning.pipeline import setup
+
+    cfg = tiny_train_config(tmp_path, f"index={index}", "model.generator.copy=true", "model.generator.question_view=true",
+                            "model.question_encoder_warmup_steps=0")
+    _, module, datamodule = setup(cfg)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    module.train()
+    module.question_encoder.eval()  # no dropout: the vectors compare exactly
+    ret = module.retrieve(batch, 2)
+    view = ret["question_view"]
+    assert view.shape == (2 * len(batch["questions"]), module.generator.config.question_view_dim)
+    assert not view.requires_grad
+    with torch.no_grad():
+        expected = module.question_encoder(
+            input_ids=batch["question_input_ids"], attention_mask=batch["question_attention_mask"]
+        ).pooler_output
+    assert torch.allclose(view, expected.repeat_interleave(2, dim=0), atol=1e-5)
+    loss, _ = module.nll(batch, 2, "token_mean")
+    loss.backward()
+    assert module.generator.question_view.weight.grad.abs().sum() > 0
 
 
 def test_predict_answers_with_the_passages_used(tmp_path, capsys, tiny_train_config):

@@ -23,6 +23,12 @@ word the question uses, a question word the passage uses.  This is DrQA's exact-
 model trained from scratch where in the passage the question's subject and relation are named, which it
 otherwise has to discover through attention alone. ``config.question_match_unique`` also tells apart a
 matching token that occurs once on its side from one that repeats (see ``question_match_feature``).
+
+With ``config.question_view_dim`` (the question encoder's width) the encoder also takes ``question_view``
+(N, question_view_dim), one vector per context: the retriever's vector of the question, projected and added
+to the first position's embedding.  A generator trained from scratch knows a relation only by the words of
+its training phrasings; the pretrained question encoder places a paraphrase near them, and the projection
+hands that to the reader ("How many people call X home?" next to "What is the population of X?").
 """
 
 from __future__ import annotations
@@ -123,19 +129,38 @@ def copy_mixture_log_probs(
 class _EncoderWithIds(nn.Module):
     """The BART encoder, returning its states with the source token ids as one more channel."""
 
-    def __init__(self, encoder: nn.Module, match_embedding: nn.Embedding | None, config: BartConfig) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        match_embedding: nn.Embedding | None,
+        config: BartConfig,
+        view_projection: nn.Linear | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.match_embedding = match_embedding
+        self.view_projection = view_projection
         self.separator = list(getattr(config, "question_match_separator", None) or [])
         self.mark_unique = bool(getattr(config, "question_match_unique", False))
         self.special_ids = [i for i in (config.pad_token_id, config.bos_token_id, config.eos_token_id) if i is not None]
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> BaseModelOutput:
+    def forward(self, input_ids=None, attention_mask=None, question_view=None, **kwargs) -> BaseModelOutput:
         kwargs.pop("return_dict", None)
-        if self.match_embedding is not None:
-            match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
-            embeds = self.encoder.embed_tokens(input_ids) + self.match_embedding(match)
+        if (self.view_projection is None) != (question_view is None):
+            raise ValueError(
+                "this generator reads the question encoder's view: pass question_view (one vector per context)"
+                if question_view is None
+                else "question_view was given, but this generator has no view projection (question_view_dim)"
+            )
+        if self.match_embedding is not None or question_view is not None:
+            embeds = self.encoder.embed_tokens(input_ids)
+            if self.match_embedding is not None:
+                match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
+                embeds = embeds + self.match_embedding(match)
+            if question_view is not None:
+                first = torch.zeros_like(embeds)
+                first[:, 0] = self.view_projection(question_view.to(embeds.dtype))
+                embeds = embeds + first
             out = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True, **kwargs)
         else:
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
@@ -158,6 +183,8 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         separator = getattr(config, "question_match_separator", None)
         levels = 3 if getattr(config, "question_match_unique", False) else 2
         self.match_embedding = nn.Embedding(levels, d) if separator else None
+        view_dim = getattr(config, "question_view_dim", None)
+        self.question_view = nn.Linear(view_dim, d) if view_dim else None
         self.post_init()
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
@@ -169,7 +196,7 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         return inputs
 
     def get_encoder(self, *args, **kwargs) -> nn.Module:
-        return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config)
+        return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config, self.question_view)
 
     def _split(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if states.shape[-1] != self.config.d_model + 1:
@@ -190,10 +217,12 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         use_cache=None,
         labels=None,
         copy_history=None,
+        question_view=None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         if encoder_outputs is None:
-            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+            view = {} if question_view is None else {"question_view": question_view}
+            encoder_outputs = self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, **view)
         states = encoder_outputs[0]
         hidden, source_ids = self._split(states)
         if attention_mask is None:

@@ -117,8 +117,9 @@ def _expand_rows(tensor: Tensor, n_rows: int, num_beams: int, n_mix: int) -> Ten
     return shaped.expand(n_rows, num_beams, n_mix, *tensor.shape[1:]).reshape(-1, *tensor.shape[1:])
 
 
-def _encode(generator: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    return generator.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
+def _encode(generator: nn.Module, input_ids: Tensor, attention_mask: Tensor, question_view: Tensor | None) -> Tensor:
+    view = {} if question_view is None else {"question_view": question_view}  # a copy head's reader input
+    return generator.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **view)[0]
 
 
 Step = Callable[[Tensor, Tensor | None], Tensor]
@@ -394,6 +395,7 @@ def rag_token_generate(
     forced_bos_token_id: int | None | FromConfig = "config",
     forced_eos_token_id: int | None | FromConfig = "config",
     word_pieces: WordPieces | None = None,
+    question_view: Tensor | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
     """RAG-Token decoding: greedy (``num_beams=1``) or beam search over the per-step passage mixture.
@@ -401,7 +403,8 @@ def rag_token_generate(
     Token ids left as None come from the generator's config; ``forced_*_token_id`` default to the config
     too (BART sets ``forced_eos_token_id``) and ``None`` switches them off. ``max_new_tokens`` counts the
     tokens after the decoder start (transformers' ``max_length`` is one more). ``word_pieces`` switches on
-    the rule that finishes a word copied from the passages (models/word_completion.py). Returns (B*R, L)
+    the rule that finishes a word copied from the passages (models/word_completion.py); ``question_view``
+    (B*n_docs, d), the question vectors of a generator that reads them (models/copy_generator.py). Returns (B*R, L)
     token ids, or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
     """
     ids, processors = _setup(
@@ -415,7 +418,7 @@ def rag_token_generate(
         processors.complete_words = CopiedWordCompletion.from_contexts(
             context_input_ids, context_attention_mask, batch, word_pieces, num_beams
         )
-    hidden = _encode(generator, context_input_ids, context_attention_mask)
+    hidden = _encode(generator, context_input_ids, context_attention_mask, question_view)
     step = _mixture_step(generator, hidden, context_attention_mask, doc_scores.log_softmax(dim=-1), num_beams)
     hyps = _search(
         step, batch, num_beams, num_return_sequences, ids, max_new_tokens, processors, length_penalty, early_stopping,
@@ -452,6 +455,7 @@ def rag_sequence_generate(
     forced_eos_token_id: int | None | FromConfig = "config",
     score_batch_size: int | None = None,
     word_pieces: WordPieces | None = None,
+    question_view: Tensor | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
     """RAG-Sequence decoding: ``num_beams`` beams per passage, candidates ranked by ``p(y|x)``.
@@ -462,7 +466,8 @@ def rag_sequence_generate(
     (unprocessed, un-normalised) log-likelihood when passage z's beam produced y and 0 otherwise, so no pass
     beyond the beam search. As in transformers, a leading BOS is not scored (``exclude_bos_score``) and
     ``dedupe`` keeps the first copy of candidates several passages produced. ``word_pieces``: as in
-    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage. Returns
+    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage; ``question_view``
+    as there. Returns
     (B*R, L) token ids, best first, or a :class:`RagGenerationOutput` with the ranking log-scores when
     ``return_scores``.
     """
@@ -481,7 +486,7 @@ def rag_sequence_generate(
         processors.complete_words = CopiedWordCompletion.from_contexts(
             context_input_ids, context_attention_mask, batch * n_docs, word_pieces, num_beams
         )
-    hidden = _encode(generator, context_input_ids, context_attention_mask)
+    hidden = _encode(generator, context_input_ids, context_attention_mask, question_view)
     no_mixing = torch.zeros(batch * n_docs, 1, device=device)
     step = _mixture_step(generator, hidden, context_attention_mask, no_mixing, num_beams)
     hyps = _search(

@@ -134,6 +134,12 @@ def build_question_encoder(cfg: QuestionEncoderConfig) -> DPRQuestionEncoder:
     return _build(cfg, "question")
 
 
+def vector_width(encoder: torch.nn.Module) -> int:
+    """The width of an encoder's question/passage vectors (DPR's projection, when it has one)."""
+    config = encoder.config
+    return getattr(config, "projection_dim", 0) or config.hidden_size
+
+
 def build_context_encoder(cfg: QuestionEncoderConfig) -> DPRContextEncoder:
     """The passage (context) encoder named by the ``model.question_encoder`` section."""
     return _build(cfg, "context")

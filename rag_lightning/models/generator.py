@@ -29,9 +29,12 @@ def generator_tokenizer(cfg: GeneratorConfig) -> PreTrainedTokenizerBase:
     return load_generator_tokenizer(cfg.tokenizer)
 
 
-def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) -> BartForConditionalGeneration:
+def build_generator(
+    cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase, question_dim: int | None = None
+) -> BartForConditionalGeneration:
     """A BART generator whose special-token ids agree with `tokenizer`.
 
+    `question_dim` (the question encoder's width) sizes the projection of `cfg.question_view`.
     `kind: random` builds the architecture in `cfg.config` from scratch (the offline default: no model
     hub); `kind: pretrained` loads `cfg.name_or_path`, a hub name or a local `save_pretrained` directory;
     `kind: rag` the generator of a transformers RAG checkpoint (models/rag_checkpoint.py).
@@ -45,6 +48,10 @@ def build_generator(cfg: GeneratorConfig, tokenizer: PreTrainedTokenizerBase) ->
         extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
         if cfg.question_match_unique:
             extra["question_match_unique"] = True
+    if cfg.question_view:
+        if not question_dim:
+            raise ValueError("model.generator.question_view needs the question encoder's width (question_dim)")
+        extra["question_view_dim"] = int(question_dim)
     if cfg.kind == "pretrained":
         # the copy head's options go into the loaded config (from_pretrained would pass unknown keywords to
         # __init__); a plain BART checkpoint then gets the head's new layers from their initialisation

@@ -223,8 +223,13 @@ class RagModule(L.LightningModule):
             mask_id = getattr(self.tokenizer, "mask_token_id", None)
             question_ids = drop_question_words(question_ids, prob=self.cfg.question_word_dropout, mask_id=mask_id)
         ctx_ids, ctx_mask = self.retriever.build_contexts(question_ids, found.rows)
+        view = None
+        if self.cfg.generator.question_view:  # read, not trained: the retriever learns from doc scores only
+            vectors = q if q is not None else self.encode_questions(batch)
+            view = vectors.detach().repeat_interleave(found.rows.shape[1], dim=0).to(doc_scores.device)
         return {
             "question_vectors": q,
+            "question_view": view,
             "rows": found.rows,
             "passage_ids": found.passage_ids,
             "doc_scores": doc_scores,
@@ -278,6 +283,7 @@ class RagModule(L.LightningModule):
             attention_mask=ret["context_attention_mask"],
             decoder_input_ids=dec_in.repeat_interleave(n_docs, dim=0),
             use_cache=False,  # a training forward needs no KV cache
+            **_view(ret),
         ).logits
         if self.mode == Mode.rag_token:
             return rag_token_nll(logits, ret["doc_scores"], labels, reduction=reduction, **common)
@@ -388,10 +394,12 @@ class RagModule(L.LightningModule):
         pieces = self._word_pieces() if dec.complete_copied_words else None
         if self.mode == Mode.rag_token:
             return rag_token_generate(
-                *args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens, word_pieces=pieces
-            )
+                *args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens, word_pieces=pieces,
+                **_view(ret),
+            )  # fmt: skip
         return rag_sequence_generate(
             *args,
+            **_view(ret),
             n_docs=n_docs,
             num_beams=dec.num_beams,
             max_new_tokens=dec.max_new_tokens,
@@ -580,6 +588,12 @@ class RagModule(L.LightningModule):
             if question_tokenizer is not None:
                 question_tokenizer.save_pretrained(directory / "context_encoder")
         return directory
+
+
+def _view(ret: dict) -> dict:
+    """The generator's ``question_view`` keyword of a retrieval result (none unless the generator reads one)."""
+    view = ret.get("question_view")
+    return {} if view is None else {"question_view": view}
 
 
 def _freeze_question_encoder_bottom(encoder: nn.Module, n_top: int) -> None:
