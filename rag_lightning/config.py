@@ -262,10 +262,14 @@ class DecodingConfig:
     # finish a word whose first pieces were copied from a passage the way the passage spells it
     # (models/word_completion.py); RAG modes only: a closed-book generator has no passage to copy from
     complete_copied_words: bool = False
+    # > 0: no n-gram of this many tokens twice in one output (transformers' option; 0: off). A loop
+    # ("is .ar is .ar is .ar") ends; a template sharing shorter n-grams between sentences does not
+    no_repeat_ngram_size: int = 0
 
     def check(self, prefix: str) -> None:
         _positive(f"{prefix}.num_beams", self.num_beams)
         _positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
+        _at_least(f"{prefix}.no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
 
 
 @dataclass

@@ -506,3 +506,59 @@ def test_rag_token_without_forced_eos_matches_transformers(seed, eos_bias, num_b
     )  # fmt: skip
     assert torch.equal(ours, ref)
     assert not ours[:, -1].eq(EOS).all()  # some hypothesis ends at the limit without EOS
+
+
+# -------------------------------------------------------------------------------------- no repeated n-grams
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_banned_ngrams_equal_transformers_processor(n):
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from rag_lightning.models.decoding import ban_repeated_ngrams
+
+    gen = torch.Generator().manual_seed(n)
+    prefixes = torch.randint(0, 4, (6, 9), generator=gen)  # a small vocabulary: many repeats
+    logprobs = torch.randn(6, 7, generator=gen).log_softmax(dim=-1)
+    expected = NoRepeatNGramLogitsProcessor(n)(prefixes, logprobs.clone())
+    got = ban_repeated_ngrams(logprobs, prefixes, n)
+    assert torch.equal(got, expected)
+    assert got.isinf().any()  # the case bans something
+    assert torch.equal(ban_repeated_ngrams(logprobs, prefixes[:, : n - 1], n), logprobs)  # too short: nothing
+
+
+@pytest.mark.parametrize(("kind", "num_beams"), [("token", 1), ("token", 3), ("sequence", 2)])
+def test_no_repeat_ngram_size_matches_transformers(kind, num_beams):
+    # unpadded contexts for RAG-Sequence: transformers generates its candidates without the mask
+    generator, ctx, mask, scores = make(0, 0.0, padded=kind == "token")
+    model = reference(kind, generator, tiny_question_encoder(), N_DOCS)
+    decode = rag_token_generate if kind == "token" else rag_sequence_generate
+    common = dict(n_docs=N_DOCS, num_beams=num_beams, max_new_tokens=NEW_TOKENS)
+    plain = decode(generator, ctx, mask, scores, **common)
+    ours = decode(generator, ctx, mask, scores, no_repeat_ngram_size=1, **common)
+    ref = model.generate(
+        context_input_ids=ctx, context_attention_mask=mask, doc_scores=scores, n_docs=N_DOCS, num_beams=num_beams,
+        no_repeat_ngram_size=1, max_length=NEW_TOKENS + 1,
+    )  # fmt: skip
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, plain)  # the rule changed the outputs here
+    for row in ours.tolist():  # and no token repeats within an output (after the start token, which is EOS)
+        tokens = [t for t in row[1:] if t != PAD]
+        assert len(tokens) == len(set(tokens))
+
+
+@pytest.mark.parametrize("mode", ["rag_token", "rag_sequence", "closed_book"])
+def test_the_module_decodes_without_repeats_when_configured(mode):
+    from rag_lightning.config import DecodingConfig, ModelConfig
+    from rag_lightning.models.module import RagModule
+
+    generator, ctx, mask, scores = make(0, 0.0)
+    tokenizer = SimpleNamespace(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    ret = {"context_input_ids": ctx, "context_attention_mask": mask, "doc_scores": scores}
+    batch = {"question_generator_ids": ctx[::N_DOCS, 1:], "question_generator_mask": mask[::N_DOCS, 1:]}
+
+    def answers(n: int) -> list[list[int]]:
+        config = ModelConfig(mode=mode, decoding=DecodingConfig(max_new_tokens=NEW_TOKENS, no_repeat_ngram_size=n))
+        module = RagModule(nn.Linear(2, 2), generator, config, generator_tokenizer=tokenizer)
+        return [[t for t in row[1:] if t not in (PAD, EOS)] for row in module.generate(batch, ret).tolist()]
+
+    assert any(len(row) != len(set(row)) for row in answers(0))  # repeats without the rule ...
+    assert all(len(row) == len(set(row)) for row in answers(1))  # ... none with it

@@ -64,11 +64,14 @@ class _Processors:
     forced_bos_token_id: int | None
     forced_eos_token_id: int | None
     max_new_tokens: int
+    no_repeat_ngram_size: int = 0
     complete_words: CopiedWordCompletion | None = None  # not a transformers processor: ours, off by default
 
     def __call__(self, logprobs: Tensor, step: int, prefixes: Tensor | None = None) -> Tensor:
         """``step`` counts generated tokens so far (0 when choosing the first one); ``prefixes`` (R, t) are the
-        hypotheses' tokens so far, which only the word-completion rule reads."""
+        hypotheses' tokens so far (the decoder start included, as transformers counts them)."""
+        if self.no_repeat_ngram_size > 0 and prefixes is not None:
+            logprobs = ban_repeated_ngrams(logprobs, prefixes, self.no_repeat_ngram_size)
         if self.eos_token_id is not None and step < self.min_new_tokens:
             logprobs = logprobs.clone()
             logprobs[:, self.eos_token_id] = -float("inf")
@@ -79,6 +82,21 @@ class _Processors:
         if self.forced_eos_token_id is not None and step == self.max_new_tokens - 1:
             logprobs = _force(logprobs, self.forced_eos_token_id)
         return logprobs
+
+
+def ban_repeated_ngrams(logprobs: Tensor, prefixes: Tensor, n: int) -> Tensor:
+    """Every token that would complete an n-gram already in its row's prefix gets -inf (transformers'
+    ``no_repeat_ngram_size``): logprobs (R, V), prefixes (R, t)."""
+    length = prefixes.shape[1]
+    if length < n:
+        return logprobs
+    grams = prefixes.unfold(1, n, 1)  # (R, t - n + 1, n)
+    seen = grams[:, :, :-1] == prefixes[:, length - n + 1 :].unsqueeze(1)  # the last n - 1 tokens, earlier
+    repeats = seen.all(dim=-1)  # (R, t - n + 1); all-true for n = 1: every earlier token is banned
+    banned = torch.zeros(logprobs.shape[0], logprobs.shape[1] + 1, dtype=torch.bool, device=logprobs.device)
+    # an n-gram that does not repeat marks the spare last column, which is dropped
+    banned.scatter_(1, torch.where(repeats, grams[:, :, -1], logprobs.shape[1]), True)
+    return logprobs.masked_fill(banned[:, :-1], -float("inf"))
 
 
 def _force(logprobs: Tensor, token: int) -> Tensor:
@@ -328,6 +346,7 @@ def _setup(
     num_return_sequences: int,
     max_new_tokens: int,
     min_new_tokens: int,
+    no_repeat_ngram_size: int,
     decoder_start_token_id: int | None,
     bos_token_id: int | None,
     eos_token_id: int | None,
@@ -341,9 +360,10 @@ def _setup(
             f"expected context_input_ids (B*{n_docs}, S) and doc_scores (B, {n_docs}), got "
             f"{tuple(context_input_ids.shape)} and {tuple(doc_scores.shape)}"
         )
-    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams:
+    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams or no_repeat_ngram_size < 0:
         raise ValueError(
-            "need num_beams >= 1, max_new_tokens >= 1 and 1 <= num_return_sequences <= num_beams"
+            "need num_beams >= 1, max_new_tokens >= 1, 1 <= num_return_sequences <= num_beams and "
+            "no_repeat_ngram_size >= 0"
         )
     ids = {
         "start": _resolve(decoder_start_token_id, generator, "decoder_start_token_id", none_is_default=True),
@@ -369,6 +389,7 @@ def _setup(
             forced_eos_token_id, generator, "forced_eos_token_id", none_is_default=False
         ),
         max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
     return ids, processors
 
@@ -386,6 +407,7 @@ def rag_token_generate(
     num_return_sequences: int = 1,
     max_new_tokens: int = 20,
     min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     decoder_start_token_id: int | None = None,
@@ -401,17 +423,18 @@ def rag_token_generate(
     """RAG-Token decoding: greedy (``num_beams=1``) or beam search over the per-step passage mixture.
 
     Token ids left as None come from the generator's config; ``forced_*_token_id`` default to the config
-    too (BART sets ``forced_eos_token_id``) and ``None`` switches them off. ``max_new_tokens`` counts the
-    tokens after the decoder start (transformers' ``max_length`` is one more). ``word_pieces`` switches on
-    the rule that finishes a word copied from the passages (models/word_completion.py); ``question_view``
-    (B*n_docs, d), the question vectors of a generator that reads them (models/copy_generator.py). Returns (B*R, L)
-    token ids, or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
+    too (BART sets ``forced_eos_token_id``) and ``None`` switches them off. ``no_repeat_ngram_size`` > 0 never
+    repeats an n-gram of that size within a hypothesis (transformers' option of the same name).
+    ``max_new_tokens`` counts the tokens after the decoder start (transformers' ``max_length`` is one more).
+    ``word_pieces`` switches on the rule that finishes a word copied from the passages
+    (models/word_completion.py); ``question_view`` (B*n_docs, d), the question vectors of a generator that
+    reads them (models/copy_generator.py). Returns (B*R, L) token ids, or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
     """
     ids, processors = _setup(
         generator, context_input_ids, doc_scores, n_docs=n_docs, num_beams=num_beams,
         num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        decoder_start_token_id=decoder_start_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
+        no_repeat_ngram_size=no_repeat_ngram_size, decoder_start_token_id=decoder_start_token_id,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
     )  # fmt: skip
     batch = doc_scores.shape[0]
     if word_pieces is not None:
@@ -444,6 +467,7 @@ def rag_sequence_generate(
     dedupe: bool = True,
     max_new_tokens: int = 20,
     min_new_tokens: int = 0,
+    no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     exclude_bos_score: bool = True,
@@ -466,8 +490,8 @@ def rag_sequence_generate(
     (unprocessed, un-normalised) log-likelihood when passage z's beam produced y and 0 otherwise, so no pass
     beyond the beam search. As in transformers, a leading BOS is not scored (``exclude_bos_score``) and
     ``dedupe`` keeps the first copy of candidates several passages produced. ``word_pieces``: as in
-    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage; ``question_view``
-    as there. Returns
+    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage;
+    ``no_repeat_ngram_size`` and ``question_view`` as there. Returns
     (B*R, L) token ids, best first, or a :class:`RagGenerationOutput` with the ranking log-scores when
     ``return_scores``.
     """
@@ -476,8 +500,8 @@ def rag_sequence_generate(
     ids, processors = _setup(
         generator, context_input_ids, doc_scores, n_docs=n_docs, num_beams=num_beams,
         num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        decoder_start_token_id=decoder_start_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
+        no_repeat_ngram_size=no_repeat_ngram_size, decoder_start_token_id=decoder_start_token_id,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
     )  # fmt: skip
     if exclude_bos_score and ids["bos"] is None:
         exclude_bos_score = False  # nothing to exclude, as in transformers

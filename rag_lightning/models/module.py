@@ -384,6 +384,7 @@ class RagModule(L.LightningModule):
                 attention_mask=mask,
                 num_beams=dec.num_beams,
                 max_new_tokens=dec.max_new_tokens,
+                no_repeat_ngram_size=dec.no_repeat_ngram_size,
                 decoder_start_token_id=self.eos_id,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
@@ -395,11 +396,12 @@ class RagModule(L.LightningModule):
         if self.mode == Mode.rag_token:
             return rag_token_generate(
                 *args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens, word_pieces=pieces,
-                **_view(ret),
+                no_repeat_ngram_size=dec.no_repeat_ngram_size, **_view(ret),
             )  # fmt: skip
         return rag_sequence_generate(
             *args,
             **_view(ret),
+            no_repeat_ngram_size=dec.no_repeat_ngram_size,
             n_docs=n_docs,
             num_beams=dec.num_beams,
             max_new_tokens=dec.max_new_tokens,
