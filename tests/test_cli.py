@@ -272,6 +272,9 @@ BAD_INPUT: list[tuple[str, str, Callable[[Setting], list[str]], Callable[[Settin
     ("rag-predict", "out-of-range value",
      lambda s: [f"ckpt_path={s.ckpt}", "question=Where?", "accelerator=cpu", "model.decoding.num_beams=0"],
      lambda s: ["model.decoding.num_beams=0 must be > 0"]),
+    ("rag-eval", "negative n-gram size",
+     lambda s: [f"ckpt_path={s.ckpt}", "accelerator=cpu", "model.decoding.no_repeat_ngram_size=-1"],
+     lambda s: ["model.decoding.no_repeat_ngram_size=-1 must be >= 0"]),
 ]
 
 
