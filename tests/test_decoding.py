@@ -398,6 +398,8 @@ def test_invalid_arguments():
         rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS + 1)
     with pytest.raises(ValueError, match="num_return_sequences"):
         rag_token_generate(generator, ctx, mask, scores, n_docs=N_DOCS, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be >= 0"):
+        rag_sequence_generate(generator, ctx, mask, scores, n_docs=N_DOCS, no_repeat_ngram_size=-1)
 
 
 @pytest.mark.parametrize(

@@ -360,11 +360,12 @@ def _setup(
             f"expected context_input_ids (B*{n_docs}, S) and doc_scores (B, {n_docs}), got "
             f"{tuple(context_input_ids.shape)} and {tuple(doc_scores.shape)}"
         )
-    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams or no_repeat_ngram_size < 0:
+    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(
-            "need num_beams >= 1, max_new_tokens >= 1, 1 <= num_return_sequences <= num_beams and "
-            "no_repeat_ngram_size >= 0"
+            "need num_beams >= 1, max_new_tokens >= 1 and 1 <= num_return_sequences <= num_beams"
         )
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
     ids = {
         "start": _resolve(decoder_start_token_id, generator, "decoder_start_token_id", none_is_default=True),
         "bos": _resolve(bos_token_id, generator, "bos_token_id", none_is_default=True),
