@@ -58,6 +58,8 @@ def counterfactual_table(manifest: dict[str, Any]) -> Table:
     table.add_row("passages (rewritten)", f"{counts['passages']:,} ({counts['passages_changed']:,})", "corpus.jsonl")
     for relation, n in counts["facts_changed"].items():
         table.add_row(f"{relation} facts changed", f"{n:,}", "changes.jsonl")
+    if "capital_unchanged_no_other_city" in counts:
+        table.add_row("capitals kept (no other city)", f"{counts['capital_unchanged_no_other_city']:,}", "")
     table.add_row("test questions", f"{counts['questions']['test']:,}", "test.jsonl")
     table.add_row("whose answer changed", f"{counts['questions']['test_changed']:,}",
                   "test_changed.jsonl, test_changed_original.jsonl")

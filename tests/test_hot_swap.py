@@ -4,6 +4,7 @@ answering from another corpus and index, chosen on the command line and checked 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.config import ConfigError, CounterfactualOptions, DataConfig, section
 from rag_lightning.data.prepare_data import ensure_prepared
-from rag_lightning.data.world_counterfactual import FILES, plan_changes
+from rag_lightning.data.world_counterfactual import FILES, RELATIONS, CorpusCity, plan_changes
 from rag_lightning.data.world_templates import the
 from rag_lightning.files import sha256_file
 from rag_lightning.pipeline import NAMED_INDEX_KEY, swap_index
@@ -63,14 +64,91 @@ def test_counterfactual_changes_the_held_out_countries_facts(counterfactual: dic
     assert {c["entity"] for c in changes} <= held_out and len({c["entity"] for c in changes}) >= 6
     assert {c["relation"] for c in changes} == {"capital", "population", "area", "calling_code"}
     for c in changes:
-        assert c["old"] != c["new"] and c["donor"] != c["entity"] and c["donor"] in held_out
+        assert c["old"] != c["new"]
+        if c["relation"] == "capital":
+            assert c["donor"] == c["entity"]  # another city of the country itself
+        else:
+            assert c["donor"] != c["entity"] and c["donor"] in held_out
         assert c["new_sentence"].endswith(f"{c['new']}.") or f" {c['new']} " in c["new_sentence"]
         assert the(c["title"]) in c["new_sentence"]
-    # each relation's new values are the old values of other held-out countries (a permutation among them)
-    for relation in {c["relation"] for c in changes}:
+    # each cycle relation's new values are other held-out countries' old values (a permutation among them)
+    for relation in {c["relation"] for c in changes} - {"capital"}:
         olds = {c["entity"]: c["old"] for c in changes if c["relation"] == relation}
         for c in (c for c in changes if c["relation"] == relation and c["donor"] in olds):
             assert c["new"] == olds[c["donor"]]
+
+
+def city_passages(corpus: dict[str, dict[str, Any]]) -> list[tuple[str, str, int, str]]:
+    """(name, country as written, population, title) of every city, read from its passage's opening."""
+    rows = []
+    for i, p in corpus.items():
+        m = re.match(r"(.+?) is a city in (.+?)\. \1 has a population of ([\d,]+)\.", p["text"])
+        if i.startswith("city-") and i.endswith("-0"):
+            assert m, p
+            rows.append((m[1], m[2], int(m[3].replace(",", "")), p["title"]))
+    return rows
+
+
+def test_a_capital_moves_to_the_countrys_largest_other_city(counterfactual: dict[str, Any]) -> None:
+    from rag_lightning.data.world_sources import fold, load_countries
+
+    countries = {f"country-{c.alpha3.lower()}": c for c in load_countries()}
+    capitals = {fold(c.capital) for c in countries.values()}
+    cities = city_passages(counterfactual["source"])
+    held_out = {q["subject"] for q in counterfactual["source_test"] if q["subject"].startswith("country-")}
+    moved = {c["entity"]: c for c in counterfactual["changes"] if c["relation"] == "capital"}
+    kept = 0
+    for entity in sorted(held_out):
+        country = countries[entity]
+        # its cities in the corpus, largest first, less its capital and any name another city, country or
+        # capital shares
+        others = sorted(
+            (-population, name)
+            for name, written, population, title in cities
+            if written == the(country.name)
+            and title == name
+            and fold(name) != fold(country.capital)
+            and fold(name) not in capitals
+        )
+        if others:
+            change = moved[entity]
+            assert (change["old"], change["new"]) == (country.capital, others[0][1])
+            assert change["new_sentence"] == f"The capital of {the(country.name)} is {others[0][1]}."
+        else:  # no other city: the capital stays
+            kept += 1
+            assert entity not in moved
+            capital_sentence = f"The capital of {the(country.name)} is {country.capital}."
+            assert any(capital_sentence in p["text"] for p in counterfactual["corpus"].values())
+    assert moved and set(moved) <= held_out
+    assert counterfactual["manifest"]["counts"]["capital_unchanged_no_other_city"] == kept > 0
+
+
+def test_a_moved_capital_is_tied_to_its_own_country_only(counterfactual: dict[str, Any]) -> None:
+    """Consistency: no passage of the counterfactual corpus ties a new capital to another country, and the new
+    capital's own city passage names the country it is the capital of."""
+    from rag_lightning.data.world_sources import load_countries
+
+    names = [c.name for c in load_countries()]
+    corpus = counterfactual["corpus"]
+    moved = [c for c in counterfactual["changes"] if c["relation"] == "capital"]
+    assert moved
+    for c in moved:
+        country, new = the(c["title"]), c["new"]
+        (own,) = [(written, title) for name, written, _, title in city_passages(corpus) if name == new]
+        assert own == (country, new)  # "<new> is a city in <country>.", its passage titled by its bare name
+        mentions = re.compile(rf"(?<!\w){re.escape(new)}(?!\w)")
+        said = 0
+        for p in corpus.values():
+            for sentence in re.split(r"(?<=\.) (?=[^\W\d_])", p["text"]):
+                if not mentions.search(sentence):
+                    continue
+                said += 1
+                rest = sentence.replace(c["title"], " ")
+                others = [n for n in names if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", rest)]
+                # a sentence naming the new capital names no other country
+                assert not others, (p["id"], sentence)
+        assert said >= 2  # at least the capital sentence and its own city sentence
+        assert any(f"The capital of {country} is {new}." in p["text"] for p in corpus.values())
 
 
 def test_every_passage_stating_an_old_fact_states_the_new_one_and_no_other_passage_changes(
@@ -97,21 +175,29 @@ def test_every_passage_stating_an_old_fact_states_the_new_one_and_no_other_passa
 def test_qa_gold_answers_are_the_new_facts(counterfactual: dict[str, Any]) -> None:
     corpus, changes = counterfactual["corpus"], counterfactual["changes"]
     new_of = {(c["entity"], c["relation"]): c for c in changes}
-    capital_now = {c["new"]: c["title"] for c in changes if c["relation"] == "capital"}
     source_rows = {q["id"]: q for q in counterfactual["source_test"]}
     test = counterfactual["test"]
     assert [q["id"] for q in test] == list(source_rows)
+    rewritten: list[str] = []
     for q in test:
         old = source_rows[q["id"]]
         change = new_of.get((q["subject"], q["relation"]))
         if change:
             assert q["answers"] == [change["new"]] and q["old_answers"] == [change["old"]]
             assert q["gold_passage_ids"] == old["gold_passage_ids"]
-        elif q["relation"] == "capital_of" and "old_answers" in q:
-            capital = next(c["old"] for c in changes if c["entity"] == q["subject"] and c["relation"] == "capital")
-            assert q["answers"] == [capital_now[capital]]
-            assert any(f"The capital of {the(q['answers'][0])} is {capital}." in corpus[p]["text"]
-                       for p in q["gold_passage_ids"])
+        elif q["relation"] == "capital_of" and (q["subject"], "capital") in new_of:
+            # "X is the capital of which country?": X is no capital now, so it asks about the new capital
+            moved = new_of[(q["subject"], "capital")]
+            assert q["rewritten_from"] == old["question"] and old["question"].count(moved["old"]) == 1
+            assert q["question"] == old["question"].replace(moved["old"], moved["new"])
+            assert moved["new"] in q["question"]
+            assert q["answers"] == old["answers"] and "old_answers" not in q  # the answer did not change
+            assert q["gold_passage_ids"] == moved["passage_ids"] and q["gold_passage_ids"]
+            assert all(
+                f"The capital of {the(moved['title'])} is {moved['new']}." in corpus[p]["text"]
+                for p in q["gold_passage_ids"]
+            )
+            rewritten.append(q["id"])
         else:
             assert q == old  # every other question is the world's own
         for answer in q["answers"]:
@@ -119,9 +205,9 @@ def test_qa_gold_answers_are_the_new_facts(counterfactual: dict[str, Any]) -> No
     changed_ids = [q["id"] for q in test if "old_answers" in q]
     assert [q["id"] for q in counterfactual["changed"]] == changed_ids and len(changed_ids) >= 5
     assert counterfactual["original"] == [source_rows[i] for i in changed_ids]
-    assert {q["relation"] for q in counterfactual["changed"]} <= {
-        "capital", "capital_of", "population", "area", "calling_code"
-    }
+    assert {q["relation"] for q in counterfactual["changed"]} <= set(RELATIONS)
+    assert rewritten and rewritten == [q["id"] for q in test if "rewritten_from" in q]
+    assert counterfactual["manifest"]["counts"]["questions_rewritten"] == len(rewritten)
 
 
 def test_counterfactual_build_is_reused_and_leaves_the_world_as_it_was(counterfactual: dict[str, Any]) -> None:
@@ -139,16 +225,68 @@ def test_counterfactual_build_is_reused_and_leaves_the_world_as_it_was(counterfa
 def test_plan_changes_moves_values_along_one_cycle() -> None:
     from rag_lightning.data.world_sources import load_countries
 
-    countries = load_countries()[:5]
+    countries = [c for c in load_countries() if c.calling_code and c.population and c.area][:5]
     held = {f"country-{c.alpha3.lower()}" for c in countries}
-    changes, changed = plan_changes(countries, held, CounterfactualOptions(relations=["capital"]))
+    changes, changed = plan_changes(countries, held, CounterfactualOptions(relations=["calling_code"]))
     by_id = {f"country-{c.alpha3.lower()}": c for c in countries}
-    assert sorted(c.entity for c in changes) == sorted(held)  # five distinct capitals: all change
-    assert sorted(c.new for c in changes) == sorted(c.capital for c in countries)
+    assert len({c.calling_code for c in countries}) == 5
+    assert sorted(c.entity for c in changes) == sorted(held)  # five distinct calling codes: all change
+    assert sorted(c.new for c in changes) == sorted(c.calling_code for c in countries)
+    assert {c.donor for c in changes} == held and all(c.donor != c.entity for c in changes)
     for c in changes:
-        assert changed[c.entity].capital == by_id[c.donor].capital == c.new
-        assert changed[c.entity].population == by_id[c.entity].population  # only the chosen relation moves
-    assert plan_changes(countries, held, CounterfactualOptions(seed=1, relations=["capital"]))[0] != changes
+        assert changed[c.entity].calling_code == by_id[c.donor].calling_code == c.new
+        assert changed[c.entity].capital == by_id[c.entity].capital  # only the chosen relation moves
+        assert changed[c.entity].population == by_id[c.entity].population
+    other_seed = CounterfactualOptions(seed=1, relations=["calling_code"])
+    assert plan_changes(countries, held, other_seed)[0] != changes
+
+    # each relation takes the step of its place in options.relations, capital's included: with capital
+    # listed first, the second relation's donors are those it has behind any other relation
+    def donors(relations: list[str]) -> dict[str, str]:
+        planned, _ = plan_changes(countries, held, CounterfactualOptions(relations=relations), cities={})
+        return {c.entity: c.donor for c in planned if c.relation == "calling_code"}
+
+    assert donors(["capital", "calling_code"]) == donors(["area", "calling_code"]) != donors(["calling_code"])
+    assert donors(["calling_code"]) == {c.entity: c.donor for c in changes}
+
+
+def test_plan_changes_moves_a_capital_to_the_countrys_largest_other_city() -> None:
+    from rag_lightning.data.world_sources import load_countries
+    from rag_lightning.data.world_templates import the
+
+    countries = load_countries()[:5]
+    a, b, c, d, e = countries
+
+    def city(n: int, name: str, country: Any, population: int, title: str | None = None) -> CorpusCity:
+        return CorpusCity(f"city-{n}", name, title or name, the(country.name), population)
+
+    cities = {
+        the(a.name): [city(1, a.capital, a, 900), city(2, "Bigtown", a, 800), city(3, "Smallville", a, 700)],
+        the(b.name): [city(4, b.capital, b, 900)],  # no other city: b keeps its capital
+        # the larger city shares its name with another city (a disambiguated title): the smaller one is taken
+        the(c.name): [
+            city(5, "Twin", c, 900, f"Twin, {c.name}"),
+            city(6, "Plainford", c, 500),
+            city(7, c.capital, c, 100),
+        ],
+        # a city named like another country's capital is passed over: no other city left, d keeps its capital
+        the(d.name): [city(8, d.capital, d, 900), city(9, a.capital, d, 800)],
+    }
+    held = {f"country-{x.alpha3.lower()}" for x in countries}
+    options = CounterfactualOptions(relations=["capital"])
+    changes, changed = plan_changes(countries, held, options, cities=cities)
+    moved = {x.entity: x for x in changes}
+    assert {x: moved[x].new for x in moved} == {
+        f"country-{a.alpha3.lower()}": "Bigtown",
+        f"country-{c.alpha3.lower()}": "Plainford",
+    }
+    for x in changes:
+        assert x.relation == "capital" and x.donor == x.entity and changed[x.entity].capital == x.new
+        assert x.old == next(y.capital for y in countries if y.name == x.title)
+        assert x.new_sentence == f"The capital of {the(x.title)} is {x.new}."
+    assert all(changed[f"country-{x.alpha3.lower()}"] == x for x in (b, d, e))  # unchanged: no other city
+    with pytest.raises(ValueError, match="corpus_cities"):
+        plan_changes(countries, held, options)
 
 
 @pytest.mark.parametrize(
