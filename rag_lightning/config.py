@@ -50,7 +50,7 @@ class WorldOptions:
     max_words: int = 60  # per passage text
     max_train_questions: int | None = 12000  # None keeps every train question
     max_eval_questions: int = 300  # per val, test and test_seen split
-    # train questions per fact, each in another of its relation's 6-9 training phrasings (drawn per fact)
+    # train questions per fact, each in another of its relation's 11-16 training phrasings (drawn per fact)
     train_phrasings: int = 2
 
 

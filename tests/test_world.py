@@ -222,7 +222,7 @@ def test_val_and_test_ask_in_the_three_original_phrasings(built: dict[str, Any])
             assert k in (0, 1, last), q["id"]
             kinds.add(k if k < 2 else "held-out")
         assert kinds == {0, 1, "held-out"}, split
-    assert {q["id"].rsplit(".", 1)[1] for q in built["splits"]["train"]} == {f"p{k}" for k in range(9)}
+    assert {q["id"].rsplit(".", 1)[1] for q in built["splits"]["train"]} == {f"p{k}" for k in range(16)}
 
 
 def test_question_texts_are_unambiguous(built: dict[str, Any]) -> None:
@@ -419,8 +419,8 @@ def test_train_phrasings_asks_each_train_fact_that_many_training_ways(tmp_path: 
     assert len({frozenset(v) for v in per_fact.values()}) > 10
     held = {rel: _template_regex(phrasings[-1]) for rel, phrasings in QUESTIONS.items()}
     assert not [q for q in train if held[q["relation"]].match(q["question"])]
-    for bad in (0, 7):
-        with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 6"):
+    for bad in (0, 12):
+        with pytest.raises(PrepareError, match=f"train_phrasings={bad} must be between 1 and 11"):
             ensure_prepared(replace(cfg, world=replace(cfg.world, train_phrasings=bad)))
 
 

@@ -14,7 +14,7 @@ Split rules, so that val/test measure generalisation to unseen entities:
   Japan?") is dropped from train, so a held-out fact is never learnt through its inverse;
 - a question text produced by two different facts (two cities called Kingston) is dropped everywhere;
 - ``test_seen`` asks about train entities with the one phrasing per relation that train never uses;
-- train asks each fact in ``train_phrasings`` of its relation's six to nine training phrasings, drawn per fact;
+- train asks each fact in ``train_phrasings`` of its relation's 11 to 16 training phrasings, drawn per fact;
   val and test ask with one of the relation's three original phrasings (world_templates.ORIGINAL_PHRASINGS);
 - ``test_paraphrase`` asks the ``test`` split's facts again, each in one phrasing of ``world_paraphrases``
   (written apart from the templates, never trained on), drawn with a seeded rng of its own, so the other
@@ -69,7 +69,7 @@ from rag_lightning.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # bump when templates or split rules change, so cached builds are rebuilt
+FORMAT_VERSION = 6  # bump when templates or split rules change, so cached builds are rebuilt
 SPLITS = ("train", "val", "test", "test_seen", "test_paraphrase")
 FEVER_SPLITS = ("train", "val", "test", "test_seen")  # claims are made from these splits' facts
 CORPUS_FILE = WORLD_FILE_KEYS["corpus_file"]
