@@ -70,7 +70,9 @@ class CounterfactualOptions:
 
     source_dir: str | None = None  # the world build it copies (built first when missing)
     seed: int = 0  # the cycle through the held-out countries that decides who takes whose facts
-    relations: list[str] = field(default_factory=lambda: ["capital", "population", "area", "calling_code"])
+    relations: list[str] = field(
+        default_factory=lambda: ["capital", "population", "area", "calling_code", "tld", "demonym"]
+    )
 
 
 @dataclass

@@ -15,7 +15,14 @@ from omegaconf import OmegaConf
 from rag_lightning.conf_path import CONFIG_DIR
 from rag_lightning.config import ConfigError, CounterfactualOptions, DataConfig, section
 from rag_lightning.data.prepare_data import ensure_prepared
-from rag_lightning.data.world_counterfactual import FILES, RELATIONS, CorpusCity, plan_changes
+from rag_lightning.data.world_counterfactual import (
+    FILES,
+    RELATIONS,
+    Change,
+    CorpusCity,
+    plan_changes,
+    rewrite_corpus,
+)
 from rag_lightning.data.world_templates import the
 from rag_lightning.files import sha256_file
 from rag_lightning.pipeline import NAMED_INDEX_KEY, swap_index
@@ -62,7 +69,7 @@ def test_counterfactual_changes_the_held_out_countries_facts(counterfactual: dic
     changes = counterfactual["changes"]
     held_out = {q["subject"] for q in counterfactual["source_test"] if q["subject"].startswith("country-")}
     assert {c["entity"] for c in changes} <= held_out and len({c["entity"] for c in changes}) >= 6
-    assert {c["relation"] for c in changes} == {"capital", "population", "area", "calling_code"}
+    assert {c["relation"] for c in changes} == {"capital", "population", "area", "calling_code", "tld", "demonym"}
     for c in changes:
         assert c["old"] != c["new"]
         if c["relation"] == "capital":
@@ -70,7 +77,9 @@ def test_counterfactual_changes_the_held_out_countries_facts(counterfactual: dic
         else:
             assert c["donor"] != c["entity"] and c["donor"] in held_out
         assert c["new_sentence"].endswith(f"{c['new']}.") or f" {c['new']} " in c["new_sentence"]
-        assert the(c["title"]) in c["new_sentence"]
+        if c["relation"] != "tld":  # "Its internet country code top-level domain is .sk." names no country
+            assert the(c["title"]) in c["new_sentence"]
+        assert c["passage_ids"] and all(p.startswith(f"{c['entity']}-") for p in c["passage_ids"])  # its own pages
     # each cycle relation's new values are other held-out countries' old values (a permutation among them)
     for relation in {c["relation"] for c in changes} - {"capital"}:
         olds = {c["entity"]: c["old"] for c in changes if c["relation"] == relation}
@@ -163,7 +172,9 @@ def test_every_passage_stating_an_old_fact_states_the_new_one_and_no_other_passa
         stating = {i for i, p in source.items() if c["old_sentence"] in p["text"]}
         assert stating == set(c["passage_ids"]) and stating
         assert all(c["new_sentence"] in corpus[i]["text"] for i in stating)
-        assert not any(c["old_sentence"] in p["text"] for p in corpus.values())
+        # gone, except where another change wrote the same words (a domain passed along the cycle names no country)
+        written = {i for d in changes if d["new_sentence"] == c["old_sentence"] for i in d["passage_ids"]}
+        assert not any(c["old_sentence"] in p["text"] for i, p in corpus.items() if i not in written)
     for i in rewritten:  # the rewritten passages differ by exactly their changed sentences
         text = source[i]["text"]
         for c in changes:
@@ -248,6 +259,19 @@ def test_plan_changes_moves_values_along_one_cycle() -> None:
 
     assert donors(["capital", "calling_code"]) == donors(["area", "calling_code"]) != donors(["calling_code"])
     assert donors(["calling_code"]) == {c.entity: c.donor for c in changes}
+
+
+def test_a_sentence_written_by_one_change_is_not_rewritten_again_by_the_next() -> None:
+    """Internet domains pass along the cycle in sentences that do not name their country: the sentence written
+    into A's passage ("... is .kz.") is B's old sentence, which only B's passage may have rewritten."""
+    sentence = "Its internet country code top-level domain is {}."
+    passages = [{"id": "country-a-0", "text": "A. " + sentence.format(".a")},
+                {"id": "country-b-0", "text": "B. " + sentence.format(".b")}]
+    changes = [Change("country-a", "A", "tld", ".a", ".b", "country-b", sentence.format(".a"), sentence.format(".b")),
+               Change("country-b", "B", "tld", ".b", ".a", "country-a", sentence.format(".b"), sentence.format(".a"))]
+    corpus, located = rewrite_corpus(passages, changes)
+    assert [p["text"] for p in corpus] == ["A. " + sentence.format(".b"), "B. " + sentence.format(".a")]
+    assert [c.passage_ids for c in located] == [("country-a-0",), ("country-b-0",)]
 
 
 def test_plan_changes_moves_a_capital_to_the_countrys_largest_other_city() -> None:

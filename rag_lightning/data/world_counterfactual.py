@@ -5,7 +5,7 @@ retraining it. To show this offline, ``rag-prepare data=world_counterfactual`` c
 changes the facts of its held-out countries (the subjects of the test split, never seen in training), so that
 the changed world still agrees with itself (no passage contradicts another):
 
-- population, area and calling code: along one seeded cycle through the held-out countries, each country takes
+- population, area, calling code, internet domain and demonym: along one seeded cycle through the held-out countries, each country takes
   another's value (a different step of the cycle per relation). Only the country's own passage states them.
 - capital: a country's capital moves to another city of the same country, its largest city with a passage in
   the corpus that is not its capital now, whose name no other city, country or capital shares (its passage
@@ -62,7 +62,14 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: a capital moves to another city of its own country (1: another country's capital)
 BUILDER = __name__
 # a relation that can change -> the Country field holding it; the sentence key and question relation share its name
-RELATIONS = {"capital": "capital", "population": "population", "area": "area", "calling_code": "calling_code"}
+RELATIONS = {
+    "capital": "capital",
+    "population": "population",
+    "area": "area",
+    "calling_code": "calling_code",
+    "tld": "tld",
+    "demonym": "demonym",
+}
 FILES = {
     "corpus": "corpus.jsonl",
     "test": "test.jsonl",
@@ -256,11 +263,13 @@ def plan_changes(
 def rewrite_corpus(passages: list[dict[str, Any]], changes: list[Change]) -> tuple[list[dict[str, Any]], list[Change]]:
     """The corpus with every sentence that states a changed fact rewritten (in each passage holding it); the
     changes with the passages they rewrote. A changed fact no passage states is a build error, not a silent
-    no-op."""
+    no-op. Passages are looked up in the source corpus, not in the text rewritten so far: a sentence that does not
+    name its country ("Its internet country code top-level domain is .tw.") written into one country's passage
+    must not be taken for the next country's old sentence along the cycle."""
     out = [dict(p) for p in passages]
     located = []
     for change in changes:
-        rows = [i for i, p in enumerate(out) if change.old_sentence in p["text"]]
+        rows = [i for i, p in enumerate(passages) if change.old_sentence in p["text"]]
         if not rows:
             raise PrepareError(
                 f"counterfactual world: no passage states {change.old_sentence!r} ({change.entity}, "
