@@ -2,12 +2,16 @@
 
     python benchmarks/paired_difference.py RUN_A/predictions_test.jsonl RUN_B/predictions_test.jsonl
     python benchmarks/paired_difference.py A.jsonl B.jsonl --metrics rougeL factuality em --group-by turns
+    python benchmarks/paired_difference.py RUN/predictions_test_paraphrase.jsonl RUN/predictions_test.jsonl \
+        --metrics em --b-weight 0.8 --pair-by-stem      # is paraphrase EM above 0.8 x test EM? (same facts)
 
 Reads two prediction files of one split (``rag-train`` / ``rag-eval`` write them, one JSON record per question with
 its per-question metrics), pairs the records by id, and prints for each metric: A's and B's mean, the mean
 difference, its standard error (standard deviation of the paired differences over sqrt(n)) and the difference in
 standard errors. Records whose metric is null (e.g. factuality of a sentence that states no fact) are left out of
 that metric's pairs. ``--group-by FIELD`` also splits the means by a field of the records (or of their ``meta``).
+``--b-weight W`` tests A against W x B (the difference is A - W x B, e.g. a ratio target of 0.8); ``--pair-by-stem``
+pairs ids without their last dotted part (the world's ``<fact>.q<k>`` paraphrase with its ``<fact>.p<k>`` question).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
-def read(path: Path) -> dict[str, dict[str, Any]]:
+def read(path: Path, by_stem: bool = False) -> dict[str, dict[str, Any]]:
     records = {}
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -30,11 +34,16 @@ def read(path: Path) -> dict[str, dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise SystemExit(f"{path}:{line_no}: not JSON ({err.msg})") from None
-                records[str(record["id"])] = record
+                key = str(record["id"])
+                if by_stem:
+                    key = key.rsplit(".", 1)[0]
+                    if key in records:
+                        raise SystemExit(f"{path}:{line_no}: id stem {key!r} repeats: --pair-by-stem needs one per stem")
+                records[key] = record
     return records
 
 
-def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict[str, float] | None:
+def paired(a: dict[str, dict], b: dict[str, dict], metric: str, b_weight: float = 1.0) -> dict[str, float] | None:
     pairs = [
         (float(a[i][metric]), float(b[i][metric]))
         for i in a.keys() & b.keys()
@@ -43,7 +52,7 @@ def paired(a: dict[str, dict], b: dict[str, dict], metric: str) -> dict[str, flo
     if len(pairs) < 2:
         return None
     n = len(pairs)
-    diffs = [x - y for x, y in pairs]
+    diffs = [x - b_weight * y for x, y in pairs]
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     se = sd / math.sqrt(n)
@@ -81,18 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=None, help="default: every numeric per-question metric")
     parser.add_argument("--group-by", default=None, help="also split A's and B's means by this record field")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here too")
+    parser.add_argument("--b-weight", type=float, default=1.0, help="compare A with this multiple of B")
+    parser.add_argument("--pair-by-stem", action="store_true", help="pair ids without their last dotted part")
     args = parser.parse_args(argv)
-    a, b = read(args.a), read(args.b)
+    a, b = read(args.a, args.pair_by_stem), read(args.b, args.pair_by_stem)
     common = a.keys() & b.keys()
     if not common:
         print(f"no question ids in common between {args.a} and {args.b}", file=sys.stderr)
         return 2
     metrics = args.metrics or numeric_fields([a[i] for i in sorted(common)])
-    out: dict[str, Any] = {"a": str(args.a), "b": str(args.b), "questions": len(common), "metrics": {}}
+    w = args.b_weight
+    out: dict[str, Any] = {"a": str(args.a), "b": str(args.b), "b_weight": w, "questions": len(common), "metrics": {}}
     print(f"{len(common)} questions in both; A = {args.a}, B = {args.b}")
-    print(f"{'metric':16s} {'n':>5s} {'A':>8s} {'B':>8s} {'A - B':>8s} {'SE':>7s} {'z':>6s}")
+    head = "A - B" if w == 1.0 else f"A-{w:g}B"
+    print(f"{'metric':16s} {'n':>5s} {'A':>8s} {'B':>8s} {head:>8s} {'SE':>7s} {'z':>6s}")
     for m in metrics:
-        r = paired(a, b, m)
+        r = paired(a, b, m, w)
         if r is None:
             continue
         out["metrics"][m] = r

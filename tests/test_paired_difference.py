@@ -61,3 +61,18 @@ def test_a_metric_null_in_some_records_is_still_compared(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), str(a), str(b), "--json", str(out)], check=True, capture_output=True)
     metrics = json.loads(out.read_text())["metrics"]
     assert set(metrics) == {"em", "factuality"} and metrics["factuality"]["n"] == 2
+
+
+def test_a_weighted_difference_paired_by_id_stem(tmp_path):
+    """paraphrase EM against 0.8 x test EM over the same facts: ids <fact>.q<k> and <fact>.p<k> pair by stem."""
+    para = _write(tmp_path / "para.jsonl", [{"id": "f1.q0", "em": 1.0}, {"id": "f2.q3", "em": 0.0}])
+    test = _write(tmp_path / "test.jsonl", [{"id": "f2.p1", "em": 1.0}, {"id": "f1.p9", "em": 1.0}])
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(para), str(test), "--b-weight", "0.8", "--pair-by-stem",
+                    "--json", str(out)], capture_output=True, text=True, check=True)  # fmt: skip
+    em = json.loads(out.read_text())["metrics"]["em"]  # differences 1 - 0.8 = 0.2 and 0 - 0.8: mean -0.3, se 0.5
+    assert em["n"] == 2 and abs(em["diff"] + 0.3) < 1e-9 and abs(em["se"] - 0.5) < 1e-9
+    dup = _write(tmp_path / "dup.jsonl", [{"id": "f1.q0", "em": 1.0}, {"id": "f1.q1", "em": 0.0}])
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(dup), str(test), "--pair-by-stem"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "dup.jsonl:2" in proc.stderr and "repeats" in proc.stderr
