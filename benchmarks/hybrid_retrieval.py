@@ -114,18 +114,27 @@ def main() -> None:
             for w in args.weights:
                 retriever.hybrid = HybridScoring(bm25, w, args.candidates, norm)
                 methods[f"hybrid w={w} norm={norm}"] = retriever.retrieve(q, args.k, questions=questions).passage_ids
-        table = {}
+        table, by_phrasing = {}, {}
+        phrasing = [str(records[i].get("id", "")).rsplit(".", 1)[-1] for i in subset]  # the world's .p<k> / .q<k>
         for name, ranked in methods.items():
             table[name] = {
                 "all@1": recall(ranked, gold, 1), "all@3": recall(ranked, gold, 3),
                 f"{args.relation}@1": recall([ranked[i] for i in subset], [gold[i] for i in subset], 1),
                 f"{args.relation}@3": recall([ranked[i] for i in subset], [gold[i] for i in subset], 3),
             }
+            by_phrasing[name] = {
+                p: {"n": phrasing.count(p), f"@{args.k}": recall([ranked[i] for i, q in zip(subset, phrasing) if q == p],
+                                                           [gold[i] for i, q in zip(subset, phrasing) if q == p], args.k)}
+                for p in sorted(set(phrasing), key=lambda s: (len(s), s))
+            }
         results["splits"][split] = {"questions": len(records), f"{args.relation}_questions": len(subset),
-                                    "recall": table}
+                                    "recall": table, f"{args.relation}_by_phrasing": by_phrasing}
         print(f"== {split}: {len(records)} questions, {len(subset)} {args.relation}")
         for name, row in table.items():
             print(f"  {name:28s} " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
+            if name.endswith("norm=none"):
+                print(f"    {args.relation}@{args.k} by phrasing: "
+                      + ", ".join(f"{p} {v[f'@{args.k}']:.2f} (n={v['n']})" for p, v in by_phrasing[name].items()))
     results.update({
         "ckpt": str(args.ckpt), "candidates": args.candidates, "bm25": bm25.manifest, "k": args.k, "relation": args.relation,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
