@@ -306,6 +306,8 @@ def test_two_ranks_encode_their_shares_into_the_single_process_index(context_mod
         assert ranks[rank]["rows"].tolist() == module.retriever.retrieve(queries[rank::2], 3).rows.tolist()
 
 
+@pytest.mark.slow  # 35 s in CI; covered faster by test_two_ranks_encode_their_shares_into_the_single_process_index (DDP shares)
+# and test_rag_train_refreshes_every_n_steps_and_resumes_with_the_refreshed_index (the refresh in training)
 def test_ddp_cpu_training_refreshes_the_index_the_single_process_way(
     tmp_path: Path, rag_train, tiny_overrides, tiny_train_config
 ) -> None:

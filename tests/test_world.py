@@ -401,6 +401,7 @@ def test_rag_prepare_prints_counts_and_location(built: dict[str, Any]) -> None:
     assert f"{counts['passages']:,}" in text and f"{counts['questions']['train']:,}" in text
 
 
+@pytest.mark.slow  # 24 s in CI; covered faster by test_world_templates.py's per-fact draw on the real entities
 def test_train_phrasings_asks_each_train_fact_that_many_training_ways(tmp_path: Path) -> None:
     small = {**SMALL, "max_train_questions": "null", "train_phrasings": 3}
     cfg = data_config(tmp_path, "world", *(f"data.world.{k}={v}" for k, v in small.items()))

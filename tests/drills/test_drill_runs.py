@@ -77,6 +77,7 @@ def test_a_truncated_checkpoint_is_a_message(drill_world, script, tmp_path, stag
     assert str(ckpt) in message and "truncated or corrupt" in message and "step000002" in message
 
 
+@pytest.mark.slow  # 53 s in CI; covered faster by test_pipeline.py's resume-equals-uninterrupted test and the DDP kill drill below
 def test_kill_9_during_training_then_resume_ends_as_an_uninterrupted_run(drill_world, script, start, tmp_path):
     """One batch of all 8 questions per epoch, question encoder frozen (no random state enters): a run killed
     with SIGKILL after a checkpoint, resumed with `run_dir=... ckpt_path=last`, continues at the saved step and
