@@ -115,7 +115,10 @@ def main() -> None:
                 retriever.hybrid = HybridScoring(bm25, w, args.candidates, norm)
                 methods[f"hybrid w={w} norm={norm}"] = retriever.retrieve(q, args.k, questions=questions).passage_ids
         table, by_phrasing = {}, {}
-        phrasing = [str(records[i].get("id", "")).rsplit(".", 1)[-1] for i in subset]  # the world's .p<k> / .q<k>
+        groups: dict[str, list[int]] = {}  # the relation's questions by phrasing: the world's id suffix .p<k> / .q<k>
+        for i in subset:
+            groups.setdefault(str(records[i].get("id", "")).rsplit(".", 1)[-1], []).append(i)
+        order = sorted(groups, key=lambda s: (len(s), s))
         for name, ranked in methods.items():
             table[name] = {
                 "all@1": recall(ranked, gold, 1), "all@3": recall(ranked, gold, 3),
@@ -123,9 +126,8 @@ def main() -> None:
                 f"{args.relation}@3": recall([ranked[i] for i in subset], [gold[i] for i in subset], 3),
             }
             by_phrasing[name] = {
-                p: {"n": phrasing.count(p), f"@{args.k}": recall([ranked[i] for i, q in zip(subset, phrasing) if q == p],
-                                                           [gold[i] for i, q in zip(subset, phrasing) if q == p], args.k)}
-                for p in sorted(set(phrasing), key=lambda s: (len(s), s))
+                p: {"n": len(groups[p]), f"@{args.k}": recall([ranked[i] for i in groups[p]], [gold[i] for i in groups[p]], args.k)}
+                for p in order
             }
         results["splits"][split] = {"questions": len(records), f"{args.relation}_questions": len(subset),
                                     "recall": table, f"{args.relation}_by_phrasing": by_phrasing}
