@@ -476,6 +476,9 @@ class RetrieverTrainingConfig:
     # vectors): only the question encoder trains, and validation needs no re-encoding of the corpus
     train_context_encoder: bool = True
     hard_negatives: int = 1  # per question, besides the in-batch ones
+    # true: every passage of the corpus is a negative of every question (the exact retrieval softmax over the
+    # fixed context encoder's vectors) instead of the batch's passages; needs train_context_encoder=false
+    corpus_negatives: bool = False
     # where hard negatives come from: bm25, dense (the starting encoders' ranking of the whole corpus), mixed
     # (the two rankings in turns)
     negatives: str = "bm25"
@@ -505,6 +508,9 @@ class RetrieverTrainingConfig:
         if self.shared_encoder and not self.train_context_encoder:
             raise ConfigError(f"{prefix}.shared_encoder=true trains the one encoder for passages too: it needs "
                               f"{prefix}.train_context_encoder=true")
+        if self.corpus_negatives and self.train_context_encoder:
+            raise ConfigError(f"{prefix}.corpus_negatives=true scores every question against the fixed passage "
+                              f"vectors of the whole corpus: it needs {prefix}.train_context_encoder=false")
         if self.hard_negatives >= self.mining_depth:
             raise ConfigError(f"{prefix}.hard_negatives={self.hard_negatives} must be < {prefix}.mining_depth")
 

@@ -108,6 +108,7 @@ def test_mined_negatives_never_hold_an_answer_or_a_gold_passage(index, store) ->
             assert row not in gold_rows
             assert not has_answer(passage_text(store, row), example.answers)
     assert mined[0].positive == store.row_of("c0")
+    assert [m.gold_rows for m in mined] == [[store.row_of("c0")], [store.row_of("c2")], []]
     assert store.row_of("c4") not in mined[0].negatives  # Mariehamn's own passage holds the answer
     assert mined[2].positive == store.row_of("c2")  # the best-ranked passage with "Szohod"
     assert store.row_of("c3") not in mined[2].negatives

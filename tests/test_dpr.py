@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rag_lightning.data.readers import DataError, read_qa
-from rag_lightning.models.dpr import dpr_loss, rank_metrics
+from rag_lightning.models.dpr import corpus_dpr_loss, dpr_loss, rank_metrics
 
 
 # ------------------------------------------------------------------------------------------ the math
@@ -33,6 +33,25 @@ def test_dpr_loss_equals_a_hand_computation() -> None:
     assert p.grad.abs().sum() > 0
 
 
+def test_the_corpus_softmax_equals_a_hand_computation_and_never_counts_a_gold_passage_as_negative() -> None:
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    corpus = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [2.0, 0.0]])
+    # q0: positive row 0, row 3 is its other gold passage (left out): scores [1, 0, 1] over rows 0, 1, 2
+    # q1: positive row 1 against all four rows: scores [0, 2, 1, 0]
+    by_hand = ((math.log(2 * math.e + 1) - 1) + (math.log(2 + math.e**2 + math.e) - 2)) / 2
+    loss = corpus_dpr_loss(q, corpus, torch.tensor([0, 1]), [[3], []])
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    # with nothing left out, row 3 (score 2 for q0) is a negative like any other
+    with_gold = corpus_dpr_loss(q, corpus, torch.tensor([0, 1]))
+    assert with_gold.item() == pytest.approx(((math.log(2 * math.e + 1 + math.e**2) - 1) +
+                                               (math.log(2 + math.e**2 + math.e) - 2)) / 2, rel=1e-6)
+    # only the questions get a gradient: the corpus vectors are fixed
+    q.requires_grad_(True)
+    corpus_dpr_loss(q, corpus, torch.tensor([0, 1]), [[3], []]).backward()
+    soft = torch.softmax(torch.tensor([0.0, 2.0, 1.0, 0.0]), dim=0)
+    torch.testing.assert_close(q.grad[1], (soft @ corpus - corpus[1]) / 2)
+
+
 def test_rank_metrics_count_the_best_positive_against_every_passage() -> None:
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.0], [0.2, 0.8, 0.9, 0.3], [0.1, 0.2, 0.3, 0.4]])
     # q0: row 0 first (rank 1); q1: best positive row 1 behind row 2 (rank 2); q2: positive row 0 last (rank 4)
@@ -48,10 +67,11 @@ def test_a_training_batch_holds_each_passage_once_and_points_at_each_positive(
 
     store = CorpusStore.build(synthetic_passages(10), make_gen_tokenizer(tmp_path / "tok"), ctx_tokenizer(),
                               tmp_path / "store")
-    items = [TrainItem([101, 7, 102], 3, [5, 6]), TrainItem([101, 102], 5, [3, 8])]  # shared rows 3 and 5
+    items = [TrainItem([101, 7, 102], 3, [5, 6], [9]), TrainItem([101, 102], 5, [3, 8])]  # shared rows 3 and 5
     batch = TrainCollator(store, 0, 0)(items)
     assert batch["passage_rows"].tolist() == [3, 5, 6, 8]
     assert batch["positive"].tolist() == [0, 1]
+    assert batch["positive_rows"].tolist() == [3, 5] and batch["other_positive_rows"] == [[9], []]
     for column, row in enumerate(batch["passage_rows"].tolist()):
         n = int(batch["passage_attention_mask"][column].sum())
         assert batch["passage_input_ids"][column, :n].tolist() == store.ctx_tokens(row).tolist()
@@ -241,6 +261,32 @@ def test_a_fixed_context_encoder_trains_questions_against_the_cached_passage_vec
     bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.train_context_encoder=false",
                                                           "dpr.shared_encoder=true"))
     assert bad.code == 2 and "dpr.shared_encoder=true trains the one encoder for passages too" in bad.err
+
+
+def test_corpus_negatives_train_the_question_encoder_against_every_passage(
+    tmp_path: Path, tiny_world, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rag_lightning.models import dpr
+
+    scored: list[tuple[int, int]] = []  # (questions, passages) of each training step's softmax
+
+    def spy(q, corpus, positive_rows, other_positive_rows=()):
+        scored.append((q.shape[0], corpus.shape[0]))
+        assert q.requires_grad and not corpus.requires_grad
+        return corpus_dpr_loss(q, corpus, positive_rows, other_positive_rows)
+
+    monkeypatch.setattr(dpr, "corpus_dpr_loss", spy)
+    run_dir = tmp_path / "run"
+    result = cli("rag-train-retriever", *retriever_overrides(
+        tmp_path, tiny_world, f"run_dir={run_dir}", "dpr.train_context_encoder=false", "dpr.corpus_negatives=true",
+        "dpr.hard_negatives=0"))
+    assert result.code == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 2 and 0.0 <= metrics["val/recall@1"] <= 1.0
+    assert scored == [(2, metrics["val/passages"])] * 2  # both steps: 2 questions against all 24 passages
+    # the passage side must be fixed: a trained context encoder would need the corpus re-encoded every step
+    bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.corpus_negatives=true"))
+    assert bad.code == 2 and "it needs dpr.train_context_encoder=false" in bad.err and "Traceback" not in bad.err
 
 
 @pytest.mark.parametrize("negatives", ["dense", "mixed"])

@@ -38,6 +38,27 @@ def dpr_loss(question_vectors: torch.Tensor, passage_vectors: torch.Tensor, posi
     return torch.nn.functional.cross_entropy(scores, positive)
 
 
+def corpus_dpr_loss(
+    question_vectors: torch.Tensor,
+    corpus_vectors: torch.Tensor,
+    positive_rows: torch.Tensor,
+    other_positive_rows: Sequence[Sequence[int]] = (),
+) -> torch.Tensor:
+    """:func:`dpr_loss` with every passage of the corpus as a negative: the exact retrieval softmax.
+
+    Affordable only while the passage side is fixed (its vectors computed once): then a question's negatives
+    are all the passages it is ranked against at test time, not the few of its batch. corpus_vectors (N, d);
+    positive_rows (B,) the corpus row of each question's positive; other_positive_rows: per question, its
+    other gold rows, left out of its softmax (they are right answers, not negatives).
+    """
+    scores = question_vectors.float() @ corpus_vectors.float().T
+    for i, rows in enumerate(other_positive_rows):
+        others = [r for r in rows if r != int(positive_rows[i])]
+        if others:
+            scores[i, others] = float("-inf")
+    return torch.nn.functional.cross_entropy(scores, positive_rows)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather of same-shape tensors whose backward keeps the gradient of the local part: every rank's
     gradient w.r.t. the gathered tensor is summed (all_reduce, which gloo supports) and the local slice
@@ -143,12 +164,19 @@ class DPRModule(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q = self.encode_questions(batch["question_input_ids"], batch["question_attention_mask"])
+        size = q.shape[0]
+        if self.cfg.corpus_negatives:  # every rank holds the whole corpus: no gathering needed
+            loss = corpus_dpr_loss(q, self.passage_vectors, batch["positive_rows"], batch["other_positive_rows"])
+            with torch.no_grad():
+                accuracy = ((q @ self.passage_vectors.T).argmax(dim=-1) == batch["positive_rows"]).float().mean()
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
+            self.log("train/corpus_accuracy", accuracy, batch_size=size)
+            return loss
         if self.cfg.train_context_encoder:
             p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
         else:
             p = self.passage_vectors[batch["passage_rows"]]
         loss = gathered_dpr_loss(q, p, batch["positive"])
-        size = q.shape[0]
         with torch.no_grad():  # among the local passages
             accuracy = ((q @ p.T).argmax(dim=-1) == batch["positive"]).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

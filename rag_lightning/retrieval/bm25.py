@@ -220,6 +220,7 @@ class MinedExample:
     question: str
     positive: int
     negatives: list[int]
+    gold_rows: list[int] = field(default_factory=list)  # every gold passage of the example in the corpus
 
 
 @dataclass
@@ -293,7 +294,7 @@ def mine(
                     negatives.append(r)
             if len(negatives) < n_negatives:
                 report.short_negatives += 1
-            mined.append(MinedExample(example.id, example.question, positive, negatives))
+            mined.append(MinedExample(example.id, example.question, positive, negatives, gold_rows))
     return mined, report
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class TrainItem:
     question_ids: list[int]
     positive: int
     negatives: list[int]
+    other_positives: list[int] = field(default_factory=list)  # the example's other gold rows: never negatives
 
 
 class ListDataset(Dataset):
@@ -82,12 +83,14 @@ def mine_split(
 
 def train_dataset(mined: Sequence[MinedExample], tokenizer: Any, max_question_length: int) -> ListDataset:
     ids = _question_ids(tokenizer, [m.question for m in mined], max_question_length)
-    return ListDataset([TrainItem(q, m.positive, m.negatives) for q, m in zip(ids, mined, strict=True)])
+    return ListDataset([TrainItem(q, m.positive, m.negatives, [r for r in m.gold_rows if r != m.positive])
+                        for q, m in zip(ids, mined, strict=True)])
 
 
 class TrainCollator:
     """Question ids, the batch's passages (each row once: positives first, then hard negatives) and each
-    question's positive column."""
+    question's positive column; for ``dpr.corpus_negatives``, each question's positive corpus row and its
+    other gold rows."""
 
     def __init__(self, store: CorpusStore, question_pad_id: int, passage_pad_id: int) -> None:
         self.store, self.question_pad_id, self.passage_pad_id = store, question_pad_id, passage_pad_id
@@ -105,6 +108,8 @@ class TrainCollator:
             "passage_attention_mask": p_mask,
             "positive": torch.tensor([column[i.positive] for i in items], dtype=torch.int64),
             "passage_rows": torch.tensor(list(column), dtype=torch.int64),
+            "positive_rows": torch.tensor([i.positive for i in items], dtype=torch.int64),
+            "other_positive_rows": [list(i.other_positives) for i in items],
         }
 
 
