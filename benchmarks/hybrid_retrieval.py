@@ -12,6 +12,10 @@ test splits once, and ranks the corpus with each retriever:
 A passage is a hit when it is one of the question's gold passages. Reported for all questions of a split and
 for the questions of one relation (default element_by_number: "Which element has atomic number N?").
 
+The split name ``number_probe`` asks every element met in the run's QA files (train, val, test and the extra
+test files) by its atomic number in each held-out phrasing of ``data/world_paraphrases.py`` (never used in
+training): 118 elements x 4 phrasings on the world set, a larger held-out sample than the test splits' 6-10.
+
     python benchmarks/hybrid_retrieval.py --ckpt RUN/checkpoints/last.ckpt --out benchmarks/results/hybrid_retrieval.json
 """
 
@@ -50,6 +54,27 @@ def rrf(dense_rows: np.ndarray, bm25_rows: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def number_probe(files: dict[str, str], relation: str = "element_by_number") -> list[dict]:
+    """Every element of the QA files asked by its number in each held-out paraphrase of the relation."""
+    import re
+
+    from rag_lightning.data.world_paraphrases import PARAPHRASES
+
+    facts: dict[str, dict] = {}
+    for path in files.values():
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("relation") == relation:
+                (number,) = re.findall(r"\b\d+\b", record["question"])
+                facts.setdefault(number, record)
+    return [
+        {"id": f"probe-{number}.q{k}", "question": template.format(number=number), "answers": record["answers"],
+         "gold_passage_ids": record["gold_passage_ids"], "relation": relation}
+        for number, record in sorted(facts.items(), key=lambda item: int(item[0]))
+        for k, template in enumerate(PARAPHRASES[relation])
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True)
@@ -63,6 +88,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--bm25-ngram", type=int, default=1, help="index.bm25_ngram of the BM25 index")
     parser.add_argument("--bm25-min-word-chars", type=int, default=2, help="index.bm25_min_word_chars")
+    parser.add_argument("--bm25-whole-numbers", action="store_true", help="index.bm25_whole_numbers=true")
     args = parser.parse_args()
 
     from rag_lightning.pipeline import load_trained, run_config
@@ -73,20 +99,27 @@ def main() -> None:
     module, datamodule = load_trained(run_cfg, args.ckpt, "outputs/bench_hybrid")
     retriever = module.retriever
     bm25 = retriever.hybrid.bm25
-    if args.bm25_ngram != 1 or args.bm25_min_word_chars != 2:  # another tokenisation: built in memory (seconds)
+    if args.bm25_ngram != 1 or args.bm25_min_word_chars != 2 or args.bm25_whole_numbers:  # another tokenisation: built in memory (seconds)
         from dataclasses import replace
 
         from rag_lightning.pipeline import sections
         from rag_lightning.retrieval.bm25 import BM25Index
 
-        cfg = replace(sections(run_cfg).index, bm25_ngram=args.bm25_ngram, bm25_min_word_chars=args.bm25_min_word_chars)
+        cfg = replace(sections(run_cfg).index, bm25_ngram=args.bm25_ngram, bm25_min_word_chars=args.bm25_min_word_chars,
+                      bm25_whole_numbers=args.bm25_whole_numbers)
         bm25 = BM25Index.build(retriever.store, cfg)
     files = {"test": run_cfg.data.test_file, "val": run_cfg.data.val_file, "train": run_cfg.data.train_file,
              **run_cfg.data.extra_test_files}
     results: dict = {"splits": {}}
     for split in args.splits:
-        records = [json.loads(line) for line in Path(files[split]).read_text().splitlines() if line.strip()]
         path = None
+        if split == "number_probe":
+            records = number_probe({k: v for k, v in files.items() if v})
+            path = Path("outputs/bench_hybrid") / "number_probe.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        else:
+            records = [json.loads(line) for line in Path(files[split]).read_text().splitlines() if line.strip()]
         if split in args.relation_only:  # the relation's questions of a large split, through a file of their own
             records = [r for r in records if r.get("relation") == args.relation]
             path = Path("outputs/bench_hybrid") / f"{split}_{args.relation}.jsonl"

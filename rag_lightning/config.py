@@ -406,6 +406,9 @@ class IndexConfig:
     bm25_stopwords: str | None = "en"
     bm25_ngram: int = 1  # 2: word pairs indexed too ("number 18"), so a number binds to the word before it
     bm25_min_word_chars: int = 2  # bm25s' default words: 2+ letters or digits; 1 keeps "7" of "atomic number 7"
+    # true: 55.845 and 9,733,276 are one token each, not 55 / 845 ..., so a question's "26" matches only passages
+    # where 26 stands alone ("atomic number 26"), not every weight, population or area with 26 in it
+    bm25_whole_numbers: bool = False
     # hybrid (dense + BM25, retrieval/retriever.py; conf/index/hybrid.yaml): candidates = dense top-m + BM25
     # top-m, ranked by q.d + weight * BM25; weight and norm chosen on the world set's val split (docs/retrieval.md)
     hybrid: bool = False

@@ -150,6 +150,30 @@ def test_word_pairs_bind_a_number_to_the_word_before_it(parts) -> None:
     assert pairs.manifest["ngram"] == 2 and pairs.manifest["min_word_chars"] == 1
 
 
+def test_whole_numbers_keep_a_weight_or_a_population_from_matching_a_bare_number(
+    tmp_path: Path, make_gen_tokenizer, ctx_tokenizer
+) -> None:
+    from rag_lightning.retrieval.bm25 import _tokenize
+
+    assert _tokenize(["Weight 26.98, population 1,526,000; 26th, 26."], None, whole_numbers=True) == [
+        ["weight", "26.98", "population", "1,526,000", "26th", "26"]]
+    assert _tokenize(["Weight 26.98"], None) == [["weight", "26", "98"]]
+    passages = [
+        Passage("al", "Aluminium", "Aluminium: atomic number 13, atomic weight 26.98."),
+        Passage("ca", "Calcium", "Calcium: atomic number 20, atomic weight 40.08."),
+        Passage("fe", "Iron", "Iron: atomic number 26, atomic weight 55.85."),
+        Passage("x", "Xtown", "Xtown is a city of 26,400 people founded in 1926."),
+    ]
+    store = CorpusStore.build(passages, make_gen_tokenizer(tmp_path / "tok"), ctx_tokenizer(), tmp_path / "store")
+    question = "What element has Z = 26?"  # no "atomic number": only the bare 26 ties it to Iron
+    split = BM25Index.build(store, IndexConfig(type="bm25"))
+    whole = BM25Index.build(store, IndexConfig(type="bm25", bm25_whole_numbers=True))
+    split_scores, whole_scores = split.scores([question])[0], whole.scores([question])[0]
+    assert split_scores[0] > 0 and split_scores[3] > 0  # 26.98 and 26,400 hold the word 26 too
+    assert whole.search_texts([question], 1)[1][0, 0] == 2 and whole_scores[[0, 1, 3]].max() == 0
+    assert whole.manifest["whole_numbers"] is True and "whole_numbers" not in split.manifest
+
+
 def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_parts(tiny_train_config,
                                                                                      tmp_path) -> None:
     from rag_lightning.pipeline import setup
@@ -160,7 +184,7 @@ def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_pa
     assert s.index.type == "flat" and s.index.hybrid and module.retriever.hybrid is not None
     assert not module.retriever.sparse
     spec = RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir)
-    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25-ngram2-chars1"
+    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25-ngram2-chars1-wholenum"
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
@@ -201,6 +225,28 @@ def test_rag_index_index_hybrid_builds_both_indexes_and_says_so(cli, tmp_path, t
     assert run.code == 0, run.output[-3000:]
     indexes = tmp_path / "cache" / "indexes"
     assert (indexes / "jsonl-tiny-flat" / "index_manifest.json").is_file()  # index=flat's own directory
-    manifest = json.loads((indexes / "jsonl-bm25-ngram2-chars1" / MANIFEST_FILE).read_text())
+    manifest = json.loads((indexes / "jsonl-bm25-ngram2-chars1-wholenum" / MANIFEST_FILE).read_text())
     assert manifest["ngram"] == 2 and manifest["min_word_chars"] == 1 and manifest["passages"] == 24
     assert "dense + bm25" in run.out and "weight 7.0 (norm none), 20 candidates each" in run.out
+
+
+def test_the_number_probe_asks_each_element_once_per_held_out_phrasing(tmp_path: Path) -> None:
+    import importlib.util
+
+    from rag_lightning.data.world_paraphrases import PARAPHRASES
+
+    spec = importlib.util.spec_from_file_location("hybrid_retrieval", Path(__file__).parents[1] / "benchmarks" / "hybrid_retrieval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    iron = {"relation": "element_by_number", "question": "Which element has atomic number 26?", "answers": ["Iron"],
+            "gold_passage_ids": ["element-fe-0"]}
+    neon = {**iron, "question": "Element number 10?", "answers": ["Neon"], "gold_passage_ids": ["element-ne-0"]}
+    other = {"relation": "capital", "question": "What is the capital of Japan?", "answers": ["Tokyo"]}
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in (iron, other)))
+    test.write_text(json.dumps(neon) + "\n" + json.dumps({**iron, "question": "26: which element?"}) + "\n")
+    probe = bench.number_probe({"train": str(train), "test": str(test)})
+    templates = PARAPHRASES["element_by_number"]
+    assert [r["question"] for r in probe] == [t.format(number=n) for n in (10, 26) for t in templates]
+    assert [r["gold_passage_ids"] for r in probe[:: len(templates)]] == [["element-ne-0"], ["element-fe-0"]]
+    assert {r["answers"][0] for r in probe} == {"Neon", "Iron"} and len({r["id"] for r in probe}) == len(probe)

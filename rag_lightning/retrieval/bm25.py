@@ -14,7 +14,9 @@ Tokenisation is bm25s' own (lower case, words of two or more letters or digits, 
 default, no stemming). ``index.bm25_min_word_chars=1`` keeps one-character words (the digit
 of "atomic number 7") and ``index.bm25_ngram=2`` indexes each pair of neighbouring
 words too (after stopword removal), so "atomic number 18" matches the passage that says "number 18", not the
-passages that mention 18 elsewhere ("group 18"). Both are build-time keys, recorded in the manifest only when
+passages that mention 18 elsewhere ("group 18"). ``index.bm25_whole_numbers=true`` keeps a number with inner
+separators as one token (an atomic weight 26.98, a population 1,526,000), so a question's bare 26 matches only
+passages where 26 stands alone. All three are build-time keys, recorded in the manifest only when
 they differ from bm25s' defaults (indexes built before they existed stay valid). Ranking ties go to the lower corpus row, so every search is deterministic.
 """
 
@@ -56,11 +58,18 @@ def passage_text(store: CorpusStore, row: int) -> str:
     return f"{title} {store.text(row)}" if title else store.text(row)
 
 
+def token_pattern(min_word_chars: int = 2, whole_numbers: bool = False) -> str:
+    r"""The regular expression of a word. min_word_chars=2 is bm25s' (and scikit-learn's) default,
+    (?u)\b\w\w+\b; whole_numbers puts first a number with inner separators (55.845, 9,733,276), so it is
+    one token instead of 55 and 845, which would match every question that names 55."""
+    word = rf"\b\w{{{min_word_chars},}}\b"
+    return rf"(?u)\b\d+(?:[.,]\d+)+\b|{word}" if whole_numbers else f"(?u){word}"
+
+
 def _tokenize(
-    texts: Sequence[str], stopwords: str | None, ngram: int = 1, min_word_chars: int = 2
+    texts: Sequence[str], stopwords: str | None, ngram: int = 1, min_word_chars: int = 2, whole_numbers: bool = False
 ) -> list[list[str]]:
-    # min_word_chars=2 is bm25s' (and scikit-learn's) default pattern, r"(?u)\b\w\w+\b"
-    pattern = rf"(?u)\b\w{{{min_word_chars},}}\b"
+    pattern = token_pattern(min_word_chars, whole_numbers)
     words = bm25s.tokenize(list(texts), stopwords=stopwords, token_pattern=pattern, return_ids=False,
                            show_progress=False)
     if ngram < 2:
@@ -82,6 +91,7 @@ def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
         # recorded only when not bm25s' defaults, so the indexes built before these keys existed stay valid
         **({"ngram": int(cfg.bm25_ngram)} if cfg.bm25_ngram != 1 else {}),
         **({"min_word_chars": int(cfg.bm25_min_word_chars)} if cfg.bm25_min_word_chars != 2 else {}),
+        **({"whole_numbers": True} if cfg.bm25_whole_numbers else {}),
     }
 
 
@@ -97,6 +107,7 @@ class BM25Index:
         self._n = int(self.manifest["passages"])
         self.ngram = int(self.manifest.get("ngram", 1))
         self.min_word_chars = int(self.manifest.get("min_word_chars", 2))
+        self.whole_numbers = bool(self.manifest.get("whole_numbers", False))
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
@@ -104,7 +115,7 @@ class BM25Index:
         """Tokenise every passage of ``store`` (title + text) and index it with the ``index`` section's k1, b, method."""
         expect = bm25_expectation(store, cfg)
         tokens = _tokenize([passage_text(store, r) for r in range(len(store))], cfg.bm25_stopwords,
-                           cfg.bm25_ngram, cfg.bm25_min_word_chars)
+                           cfg.bm25_ngram, cfg.bm25_min_word_chars, cfg.bm25_whole_numbers)
         model = bm25s.BM25(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method)
         model.index(tokens, show_progress=False)
         return cls(model, {**expect, "format_version": FORMAT_VERSION, "bm25s_version": bm25s.__version__})
@@ -173,7 +184,7 @@ class BM25Index:
     def scores(self, questions: Sequence[str]) -> np.ndarray:
         """BM25 scores (B, N) float32 of every passage for each question (0 for a question with no known word)."""
         out = np.zeros((len(questions), self._n), dtype=np.float32)
-        for i, tokens in enumerate(_tokenize(questions, self.stopwords, self.ngram, self.min_word_chars)):
+        for i, tokens in enumerate(_tokenize(questions, self.stopwords, self.ngram, self.min_word_chars, self.whole_numbers)):
             if tokens:
                 out[i] = self.model.get_scores(tokens)
         return out

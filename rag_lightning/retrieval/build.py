@@ -258,6 +258,8 @@ def bm25_dir(spec: RetrievalSpec) -> Path:
         name += f"-ngram{spec.index.bm25_ngram}"
     if spec.index.bm25_min_word_chars != 2:
         name += f"-chars{spec.index.bm25_min_word_chars}"
+    if spec.index.bm25_whole_numbers:
+        name += "-wholenum"
     return Path(spec.index.dir).parent / name
 
 
