@@ -54,6 +54,14 @@ def rrf(dense_rows: np.ndarray, bm25_rows: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def write_records(name: str, records: list[dict]) -> Path:
+    """A question file of the benchmark's own (outputs/bench_hybrid/<name>.jsonl), read by the run's test loader."""
+    path = Path("outputs/bench_hybrid") / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def number_probe(files: dict[str, str], relation: str = "element_by_number") -> list[dict]:
     """Every element of the QA files asked by its number in each held-out paraphrase of the relation."""
     import re
@@ -115,16 +123,12 @@ def main() -> None:
         path = None
         if split == "number_probe":
             records = number_probe({k: v for k, v in files.items() if v})
-            path = Path("outputs/bench_hybrid") / "number_probe.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            path = write_records("number_probe", records)
         else:
             records = [json.loads(line) for line in Path(files[split]).read_text().splitlines() if line.strip()]
         if split in args.relation_only:  # the relation's questions of a large split, through a file of their own
             records = [r for r in records if r.get("relation") == args.relation]
-            path = Path("outputs/bench_hybrid") / f"{split}_{args.relation}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            path = write_records(f"{split}_{args.relation}", records)
         questions, gold, vectors = [], [], []
         for batch in datamodule.test_loader(split, None if path is None else str(path)):
             with torch.no_grad():

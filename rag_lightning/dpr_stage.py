@@ -110,7 +110,8 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
                                depth=dpr.mining_depth, negative_candidates=candidates)
     log.info("mined %d train examples (%s negatives) in %.1fs: %s", len(mined), dpr.negatives,
              time.time() - start, report)
-    train = train_loader(train_dataset(mined, tokenizer, max_q), store, dpr.batch_size, (q_pad, ctx_pad))
+    train = train_loader(train_dataset(mined, tokenizer, max_q), store, dpr.batch_size, (q_pad, ctx_pad),
+                         passage_tokens=dpr.train_context_encoder)
     val, val_counts = None, {}
     if data.val_file:
         val_examples = read_qa(data.val_file, skip_bad_rows=data.skip_bad_rows)

@@ -76,6 +76,9 @@ def test_a_training_batch_holds_each_passage_once_and_points_at_each_positive(
         n = int(batch["passage_attention_mask"][column].sum())
         assert batch["passage_input_ids"][column, :n].tolist() == store.ctx_tokens(row).tolist()
     assert batch["question_input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
+    # a fixed context encoder encodes nothing in the step: the passages' tokens stay out of its batches
+    fixed = TrainCollator(store, 0, 0, passage_tokens=False)(items)
+    assert "passage_input_ids" not in fixed and fixed["passage_rows"].tolist() == [3, 5, 6, 8]
 
 
 # ------------------------------------------------------------------------------------------ DPR's JSON files

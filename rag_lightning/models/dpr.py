@@ -166,22 +166,20 @@ class DPRModule(L.LightningModule):
         q = self.encode_questions(batch["question_input_ids"], batch["question_attention_mask"])
         size = q.shape[0]
         if self.cfg.corpus_negatives:  # every rank holds the whole corpus: no gathering needed
-            loss = corpus_dpr_loss(q, self.passage_vectors, batch["positive_rows"], batch["other_positive_rows"])
-            with torch.no_grad():
-                accuracy = ((q @ self.passage_vectors.T).argmax(dim=-1) == batch["positive_rows"]).float().mean()
-            self.log("train/loss", loss, prog_bar=True, batch_size=size)
-            self.log("train/corpus_accuracy", accuracy, batch_size=size)
-            return loss
-        if self.cfg.train_context_encoder:
-            p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
+            p, target, accuracy_name = self.passage_vectors, batch["positive_rows"], "train/corpus_accuracy"
+            loss = corpus_dpr_loss(q, p, target, batch["other_positive_rows"])
         else:
-            p = self.passage_vectors[batch["passage_rows"]]
-        loss = gathered_dpr_loss(q, p, batch["positive"])
-        with torch.no_grad():  # among the local passages
-            accuracy = ((q @ p.T).argmax(dim=-1) == batch["positive"]).float().mean()
+            if self.cfg.train_context_encoder:
+                p = self.encode_passages(batch["passage_input_ids"], batch["passage_attention_mask"])
+            else:
+                p = self.passage_vectors[batch["passage_rows"]]
+            target, accuracy_name = batch["positive"], "train/in_batch_accuracy"  # among the local passages
+            loss = gathered_dpr_loss(q, p, target)
+            self.log("train/passages_per_batch", float(p.shape[0]), batch_size=size)
+        with torch.no_grad():
+            accuracy = ((q @ p.T).argmax(dim=-1) == target).float().mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/in_batch_accuracy", accuracy, batch_size=size)
-        self.log("train/passages_per_batch", float(p.shape[0]), batch_size=size)
+        self.log(accuracy_name, accuracy, batch_size=size)
         return loss
 
     # ---------------------------------------------------------------- validation on the whole corpus

@@ -92,20 +92,23 @@ class TrainCollator:
     question's positive column; for ``dpr.corpus_negatives``, each question's positive corpus row and its
     other gold rows."""
 
-    def __init__(self, store: CorpusStore, question_pad_id: int, passage_pad_id: int) -> None:
+    def __init__(self, store: CorpusStore, question_pad_id: int, passage_pad_id: int,
+                 passage_tokens: bool = True) -> None:
+        """``passage_tokens=False`` (a fixed context encoder, whose passage vectors are cached) leaves the
+        passages' token ids out of the batch: nothing would encode them."""
         self.store, self.question_pad_id, self.passage_pad_id = store, question_pad_id, passage_pad_id
+        self.passage_tokens = passage_tokens
 
     def __call__(self, items: Sequence[TrainItem]) -> dict:
         column: dict[int, int] = {}
         for row in [i.positive for i in items] + [r for i in items for r in i.negatives]:
             column.setdefault(row, len(column))
         q_ids, q_mask = pad_right([i.question_ids for i in items], self.question_pad_id)
-        p_ids, p_mask = pad_right([self.store.ctx_tokens(r) for r in column], self.passage_pad_id)
-        return {
-            "question_input_ids": q_ids,
-            "question_attention_mask": q_mask,
-            "passage_input_ids": p_ids,
-            "passage_attention_mask": p_mask,
+        batch = {"question_input_ids": q_ids, "question_attention_mask": q_mask}
+        if self.passage_tokens:
+            p_ids, p_mask = pad_right([self.store.ctx_tokens(r) for r in column], self.passage_pad_id)
+            batch.update(passage_input_ids=p_ids, passage_attention_mask=p_mask)
+        return batch | {
             "positive": torch.tensor([column[i.positive] for i in items], dtype=torch.int64),
             "passage_rows": torch.tensor(list(column), dtype=torch.int64),
             "positive_rows": torch.tensor([i.positive for i in items], dtype=torch.int64),
@@ -113,9 +116,11 @@ class TrainCollator:
         }
 
 
-def train_loader(dataset: ListDataset, store: CorpusStore, batch_size: int, pad_ids: tuple[int, int]) -> DataLoader:
+def train_loader(
+    dataset: ListDataset, store: CorpusStore, batch_size: int, pad_ids: tuple[int, int], passage_tokens: bool = True
+) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                      collate_fn=TrainCollator(store, *pad_ids))
+                      collate_fn=TrainCollator(store, *pad_ids, passage_tokens=passage_tokens))
 
 
 def corpus_loader(store: CorpusStore, batch_size: int, pad_id: int) -> DataLoader:
