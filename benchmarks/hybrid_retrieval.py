@@ -70,11 +70,14 @@ def number_probe(files: dict[str, str], relation: str = "element_by_number") -> 
 
     facts: dict[str, dict] = {}
     for path in files.values():
-        for line in Path(path).read_text().splitlines():
+        for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
             record = json.loads(line) if line.strip() else {}
             if record.get("relation") == relation:
-                (number,) = re.findall(r"\b\d+\b", record["question"])
-                facts.setdefault(number, record)
+                numbers = re.findall(r"\b\d+\b", record["question"])
+                if len(numbers) != 1:
+                    raise SystemExit(f"{path}:{line_no}: an {relation} question must name one number, this one names "
+                                     f"{len(numbers)}: {record['question']!r}")
+                facts.setdefault(numbers[0], record)
     return [
         {"id": f"probe-{number}.q{k}", "question": template.format(number=number), "answers": record["answers"],
          "gold_passage_ids": record["gold_passage_ids"], "relation": relation}

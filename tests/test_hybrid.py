@@ -250,3 +250,6 @@ def test_the_number_probe_asks_each_element_once_per_held_out_phrasing(tmp_path:
     assert [r["question"] for r in probe] == [t.format(number=n) for n in (10, 26) for t in templates]
     assert [r["gold_passage_ids"] for r in probe[:: len(templates)]] == [["element-ne-0"], ["element-fe-0"]]
     assert {r["answers"][0] for r in probe} == {"Neon", "Iron"} and len({r["id"] for r in probe}) == len(probe)
+    test.write_text(json.dumps({**iron, "question": "Which element, 26 or 27?"}) + "\n")
+    with pytest.raises(SystemExit, match=r"test.jsonl:1: an element_by_number question must name one number"):
+        bench.number_probe({"test": str(test)})
