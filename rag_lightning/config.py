@@ -294,6 +294,9 @@ class ModelConfig:
     retrieval_loss_weight: float = 0.0
     # training-time augmentation: swap answers between examples in contexts and targets (models/augment.py)
     answer_swap_prob: float = 0.0
+    # whose answer a swapped example takes: "batch" (another example of its batch, any type) or "relation"
+    # (another answer of its relation in the train set: the QA rows need a "relation")
+    answer_swap_donors: str = "batch"
     # training-time augmentation: each question token of the generator's contexts becomes <mask> with this
     # probability (one draw per question, shared by its passages; the retriever's question is untouched)
     question_word_dropout: float = 0.0
@@ -340,6 +343,7 @@ class ModelConfig:
         _at_least(f"{prefix}.retrieval_loss_weight", self.retrieval_loss_weight, 0.0)
         if not 0.0 <= self.answer_swap_prob <= 1.0:
             raise ConfigError(f"{prefix}.answer_swap_prob={self.answer_swap_prob} must be in [0, 1]")
+        _one_of(f"{prefix}.answer_swap_donors", self.answer_swap_donors, ("batch", "relation"))
         if not 0.0 <= self.question_word_dropout < 1.0:
             raise ConfigError(f"{prefix}.question_word_dropout={self.question_word_dropout} must be in [0, 1): "
                               "at 1 no question word would be left")

@@ -170,6 +170,7 @@ def build_datamodule(s: Sections, generator_tokenizer: Any) -> Any:
         max_answer_length=s.max_answer_length,
         skip_bad_rows=s.data.skip_bad_rows,
         task=build_task(s.task),
+        same_relation_swaps=s.model.answer_swap_prob > 0 and s.model.answer_swap_donors == "relation",
     )
 
 

@@ -43,7 +43,7 @@ def write_tiny_world(root: Path) -> dict[str, str]:
         corpus.append({"id": f"d{i}", "title": f"{country} river", "text": f"A river flows through {country}."})
     qa = [
         {"id": f"q{i}", "question": f"What is the capital of {country}?", "answers": [capital],
-         "gold_passage_ids": [f"c{i}"]}
+         "gold_passage_ids": [f"c{i}"], "relation": "capital"}
         for i, (country, capital) in enumerate(COUNTRIES)
     ]
     files = {"corpus": root / "corpus.jsonl", "train": root / "train.jsonl", "val": root / "val.jsonl",

@@ -61,3 +61,68 @@ def test_question_word_dropout_is_seeded_and_drops_without_a_mask_token():
     dropped = run(1, mask_id=None)  # the same draws: the masked positions are the removed ones
     assert dropped == [[t for t in q if t != MASK] for q in run(1)]
     assert sum(map(len, dropped)) < sum(map(len, questions))
+
+
+def test_given_donors_take_the_place_of_the_batch():
+    """donor_answers (the data module's same-relation draws): a picked example takes its own donor, in its
+    contexts and its target; an empty donor leaves it alone; a batch of one can swap."""
+    contexts = torch.tensor([[BOS, 5, 7, 8, 6, EOS], [BOS, 9, 3, EOS, PAD, PAD]])
+    labels = torch.tensor([[7, 8, EOS], [9, EOS, PAD]])
+    ctx, _, new_labels, dec = swap_answers(
+        contexts, labels, n_docs=1, pad_id=PAD, eos_id=EOS, decoder_start_id=EOS, prob=1.0,
+        donor_answers=[[11], []],
+    )  # fmt: skip
+    assert ctx.tolist() == [[BOS, 5, 11, 6, EOS], [BOS, 9, 3, EOS, PAD]]
+    assert new_labels.tolist() == [[11, EOS], [9, EOS]] and dec.tolist() == [[EOS, 11], [EOS, 9]]
+    ctx, _, new_labels, _ = swap_answers(
+        contexts[:1], labels[:1], n_docs=1, pad_id=PAD, eos_id=EOS, decoder_start_id=EOS, prob=1.0,
+        donor_answers=[[12, 13]],
+    )  # fmt: skip
+    assert ctx.tolist() == [[BOS, 5, 12, 13, 6, EOS]] and new_labels.tolist() == [[12, 13, EOS]]
+
+
+def test_a_swap_never_makes_a_context_longer_than_max_length():
+    """A longer answer standing twice in a passage would lengthen the context past the generator's positions
+    (the main job's rag-train model.answer_swap_prob=0.25 crashed on it in BART's position embedding): with
+    cut_tail the passage's tail is cut, keeping </s>; without it, or where the new answer would be cut away,
+    the example keeps its answer."""
+    contexts = torch.tensor([[BOS, 7, 5, 7, EOS]])  # the answer [7] twice
+    labels = torch.tensor([[7, EOS]])
+    kwargs = {"n_docs": 1, "pad_id": PAD, "eos_id": EOS, "decoder_start_id": EOS, "prob": 1.0,
+              "donor_answers": [[11, 12, 13]], "max_length": 6}
+    ctx, _, new_labels, _ = swap_answers(contexts, labels, **kwargs)
+    assert ctx.tolist() == contexts.tolist() and new_labels.tolist() == labels.tolist()  # 9 tokens: not swapped
+    ctx, _, new_labels, _ = swap_answers(contexts, labels, cut_tail=True, **kwargs)
+    assert ctx.tolist() == [[BOS, 11, 12, 13, 5, EOS]] and new_labels.tolist() == [[11, 12, 13, EOS]]
+    tail_only = torch.tensor([[BOS, 5, 6, 7, EOS]])  # the answer only at the end: cutting would lose it
+    ctx, _, new_labels, _ = swap_answers(tail_only, labels, cut_tail=True, **kwargs)
+    assert ctx.tolist() == tail_only.tolist() and new_labels.tolist() == labels.tolist()
+    ctx, _, _, _ = swap_answers(tail_only, labels, cut_tail=True, **{**kwargs, "max_length": 8})
+    assert ctx.tolist() == [[BOS, 5, 6, 11, 12, 13, EOS]]  # within the limit: swapped whole
+
+
+def _encoded(relation: str, answer: list[int], i: int):
+    from rag_lightning.data.datamodule import EncodedQA
+    from rag_lightning.data.readers import QAExample
+
+    return EncodedQA(QAExample(f"q{i}", "?", ("a",), relation=relation), "?", [101], [5], [*answer, EOS])
+
+
+def test_same_relation_donors_are_another_answer_of_the_relation():
+    from rag_lightning.data.datamodule import Collator, SameRelationAnswers
+
+    items = [_encoded("capital", [20 + i % 3], i) for i in range(6)]  # 3 distinct capitals, each twice
+    items += [_encoded("population", [40, 41], 6), _encoded("alone", [50], 7), _encoded("", [60], 8)]
+    pool = SameRelationAnswers(items)
+    assert pool.relation_sizes() == {"capital": 3, "population": 1, "alone": 1}  # rows without one: none
+    torch.manual_seed(0)
+    draws = [pool.draw(items[0]) for _ in range(300)]
+    assert {tuple(d) for d in draws} == {(21,), (22,)}  # never its own answer, both others
+    assert 100 < sum(d == [21] for d in draws) < 200  # uniform (expected 150, sd ~9)
+    assert pool.draw(items[6]) == [] and pool.draw(items[7]) == [] and pool.draw(items[8]) == []
+    torch.manual_seed(1)
+    first = Collator(0, PAD, EOS, "train", pool)(items[:4])["swap_answers"]
+    torch.manual_seed(1)
+    assert Collator(0, PAD, EOS, "train", pool)(items[:4])["swap_answers"] == first  # seeded runs repeat
+    assert all(d != it.target_ids[:-1] and d[0] in (20, 21, 22) for d, it in zip(first, items))
+    assert "swap_answers" not in Collator(0, PAD, EOS, "val")(items[:4])

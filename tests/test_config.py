@@ -46,6 +46,7 @@ def test_valid_config_is_typed():
         ({"gold_passage_steps": -1}, "model.gold_passage_steps"),
         ({"question_word_dropout": 1.0}, "model.question_word_dropout"),
         ({"question_word_dropout": -0.1}, "model.question_word_dropout"),
+        ({"answer_swap_donors": "type"}, "model.answer_swap_donors"),
         ({"question_encoder": {"kind": "bert"}}, "model.question_encoder.kind"),
         ({"generator": {"kind": "random", "tokenizer": "x", "question_match": True}}, "model.generator.question_match"),
         ({"generator": {"kind": "pretrained"}}, "model.generator.name_or_path"),

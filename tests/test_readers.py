@@ -170,3 +170,16 @@ def test_iter_corpus_streams_and_fills_the_report() -> None:
     assert (report.rows, report.skipped) == (2, 1)
     with pytest.raises(DataError, match="file is empty"):
         list(iter_qa(DATA / "qa_blank_lines.jsonl"))
+
+
+def test_a_qa_row_may_name_its_relation_as_a_string(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        '{"id": "q1", "question": "Capital of France?", "answers": ["Paris"], "relation": "capital"}\n'
+        '{"id": "q2", "question": "Capital of Chad?", "answers": ["N\'Djamena"]}\n'
+        '{"id": "q3", "question": "Capital of Peru?", "answers": ["Lima"], "relation": 7}\n'
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: 'relation' must be a string.*Fix: "):
+        read_qa(path)
+    path.write_text("\n".join(path.read_text().splitlines()[:2]) + "\n")
+    assert [ex.relation for ex in read_qa(path)] == ["capital", ""]

@@ -3,6 +3,7 @@ the libraries (sacrebleu, torchmetrics) on hand-worked examples; decoding restri
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,20 @@ def test_generation_trains_and_tests_with_factuality_on_kilt_files(tmp_path: Pat
         assert results["test/factuality"] == pytest.approx(sum(with_facts) / len(with_facts), abs=1e-5)
     else:
         assert "test/factuality" not in results
+
+
+def test_same_relation_swaps_need_relations_in_the_train_file(tmp_path: Path, make_gen_tokenizer) -> None:
+    """model.answer_swap_donors=relation on a train file whose rows name no relation: an error naming the file,
+    the key and the fix, before training starts."""
+    import json
+
+    from rag_lightning.data.datamodule import RagDataModule
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"q{i}?", "answers": [f"a{i}"]}) + "\n" for i in range(4)))
+    datamodule = RagDataModule(
+        files={"train": str(train)}, question_tokenizer=_FakeQuestionTokenizer(),
+        generator_tokenizer=make_gen_tokenizer(tmp_path / "tok"), global_batch_size=4, same_relation_swaps=True,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"answer_swap_donors=relation .* train file {re.escape(str(train))} .*Fix: "):
+        datamodule.train_dataloader()

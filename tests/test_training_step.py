@@ -338,3 +338,40 @@ def test_checkpoints_record_the_generator_vocabulary_and_a_resume_through_anothe
     assert vocabulary_fingerprint(other) != checkpoint[TOKENIZER_KEY]
     with pytest.raises(ConfigError, match="another generator tokenizer"):
         module.on_load_checkpoint({TOKENIZER_KEY: vocabulary_fingerprint(other)})
+
+
+@pytest.mark.parametrize("max_length", [128, 56])
+def test_same_relation_swaps_train_on_the_donors_within_the_context_limit(tiny_module, max_length):
+    """model.answer_swap_donors=relation: each training batch carries another answer of each question's
+    relation (the tiny world's are all capitals), the generator is trained to give it from contexts where it
+    replaced the question's answer, and no context outgrows context.max_length, even for a donor far longer
+    than the room a context has (that one is not swapped)."""
+    module, batch = tiny_module(
+        "model.answer_swap_prob=1.0", "model.answer_swap_donors=relation", "model.gold_passage_steps=5",
+        f"context.max_length={max_length}",
+    )  # fmt: skip
+    donors = batch["swap_answers"]
+    answers = [[t for t in row.tolist() if t not in (module.pad_id, module.eos_id)] for row in batch["labels"]]
+    assert all(d and d != a for d, a in zip(donors, answers))  # another capital for every question
+    batch["swap_answers"] = [answers[1] * 20, *donors[1:]]  # question 0's donor: 20 capitals long
+    seen = {}
+    forward = module.generator.forward
+
+    def spy(*args, **kwargs):
+        seen.update(contexts=kwargs["input_ids"], targets=kwargs["decoder_input_ids"][:: module.cfg.n_docs, 1:])
+        return forward(*args, **kwargs)
+
+    module.generator.forward = spy
+    module.training = True
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    assert seen["contexts"].shape[1] <= max_length
+    targets = [[t for t in row.tolist() if t not in (module.pad_id, module.eos_id)] for row in seen["targets"]]
+    assert targets[0] == answers[0][: len(targets[0])]  # the long donor was not swapped in
+    swapped = [b for b in range(1, 4) if targets[b] == donors[b]]
+    assert all(targets[b] in (donors[b], answers[b][: len(targets[b])]) for b in range(1, 4))
+    assert len(swapped) == 3 or max_length < 128  # with room, every question but the first takes its donor
+    for b in swapped:  # the donor stands in the question's contexts, its own answer no more
+        rows = seen["contexts"][b * module.cfg.n_docs : (b + 1) * module.cfg.n_docs].tolist()
+        text = [" ".join(map(str, r)) for r in rows]
+        assert any(" ".join(map(str, donors[b])) in t for t in text)

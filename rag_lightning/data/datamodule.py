@@ -88,15 +88,61 @@ def encode_examples(
     ]
 
 
+class SameRelationAnswers:
+    """The distinct answers of each relation of a training set, for answer swapping within a relation.
+
+    A swapped example's answer is replaced, in its passages and its target, by another answer of its relation (a
+    capital by a capital, a population by a population), so the passage still reads as a fact of the world and
+    only reading it gives the new answer: what a model must do when its index is swapped for one with new facts.
+    """
+
+    def __init__(self, items: Sequence[EncodedQA]) -> None:
+        pools: dict[str, dict[tuple[int, ...], int]] = {}
+        for it in items:
+            if it.example.relation and len(it.target_ids) > 1:
+                pool = pools.setdefault(it.example.relation, {})
+                pool.setdefault(tuple(it.target_ids[:-1]), len(pool))  # the answer without </s>
+        self._index = pools
+        self._answers = {relation: list(pool) for relation, pool in pools.items()}
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def relation_sizes(self) -> dict[str, int]:
+        return {relation: len(answers) for relation, answers in self._answers.items()}
+
+    def draw(self, item: EncodedQA) -> list[int]:
+        """Another answer of the item's relation, drawn uniformly (torch's generator, so seeded runs repeat);
+        [] when the relation has no other answer."""
+        answers = self._answers.get(item.example.relation, [])
+        own = self._index.get(item.example.relation, {}).get(tuple(item.target_ids[:-1]))
+        choices = len(answers) - (own is not None)
+        if choices < 1:
+            return []
+        j = int(torch.randint(choices, ()))
+        if own is not None and j >= own:
+            j += 1
+        return list(answers[j])
+
+
 class Collator:
     """Pads a list of EncodedQA into the tensors a RAG step needs; strings ride along for metrics, and
-    ``split`` names the split the batch comes from (the prefix of its metrics)."""
+    ``split`` names the split the batch comes from (the prefix of its metrics). With ``swap_pool`` each batch
+    also carries ``swap_answers``: per example, another answer of its relation (token ids, [] for none)."""
 
-    def __init__(self, question_pad_id: int, generator_pad_id: int, decoder_start_id: int, split: str = "") -> None:
+    def __init__(
+        self,
+        question_pad_id: int,
+        generator_pad_id: int,
+        decoder_start_id: int,
+        split: str = "",
+        swap_pool: SameRelationAnswers | None = None,
+    ) -> None:
         self.question_pad_id = question_pad_id
         self.generator_pad_id = generator_pad_id
         self.decoder_start_id = decoder_start_id
         self.split = split
+        self.swap_pool = swap_pool
 
     def __call__(self, items: Sequence[EncodedQA]) -> dict:
         q_ids, q_mask = pad_right([it.question_encoder_ids for it in items], self.question_pad_id)
@@ -105,7 +151,7 @@ class Collator:
         decoder_input_ids = torch.full_like(labels, self.generator_pad_id)
         decoder_input_ids[:, 0] = self.decoder_start_id
         decoder_input_ids[:, 1:] = labels[:, :-1]
-        return {
+        batch = {
             "question_input_ids": q_ids,
             "question_attention_mask": q_mask,
             "question_generator_ids": qg_ids,
@@ -119,6 +165,9 @@ class Collator:
             "provenance": [[list(pages) for pages in it.example.provenance] for it in items],
             "split": self.split,
         }
+        if self.swap_pool is not None:
+            batch["swap_answers"] = [self.swap_pool.draw(it) for it in items]
+        return batch
 
 
 class RagDataModule(L.LightningDataModule):
@@ -143,7 +192,10 @@ class RagDataModule(L.LightningDataModule):
         skip_bad_rows: bool = False,
         task: Task | None = None,
         extra_train_files: dict[str, str] | None = None,
+        same_relation_swaps: bool = False,
     ) -> None:
+        """``same_relation_swaps``: training batches carry, per example, another answer of its relation (the
+        donors of ``model.answer_swap_donors=relation``); the train questions must name their relation."""
         super().__init__()
         self.task = task or Task()
         self.files = dict(files)  # split name -> QA file: train, val, test, test_seen, ...
@@ -156,6 +208,7 @@ class RagDataModule(L.LightningDataModule):
         self.max_question_length = max_question_length
         self.max_answer_length = max_answer_length
         self.skip_bad_rows = skip_bad_rows
+        self.same_relation_swaps = same_relation_swaps
         self._datasets: dict[tuple[str, str], QADataset] = {}
 
     def dataset(self, split: str, path: str | None = None) -> QADataset:
@@ -190,7 +243,14 @@ class RagDataModule(L.LightningDataModule):
             )
         return self.global_batch_size // world_size
 
-    def _loader(self, dataset: QADataset, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: QADataset,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        swap_pool: SameRelationAnswers | None = None,
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -201,6 +261,7 @@ class RagDataModule(L.LightningDataModule):
                 self.generator_tokenizer.pad_token_id,
                 self.generator_tokenizer.eos_token_id,  # BART starts decoding from </s>
                 split,
+                swap_pool,
             ),
             persistent_workers=self.num_workers > 0,
         )
@@ -215,7 +276,27 @@ class RagDataModule(L.LightningDataModule):
         return QADataset([item for part in parts.values() for item in part.items])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), "train", self.per_device_batch_size(), shuffle=True)
+        dataset = self.train_dataset()
+        pool = self.swap_pool(dataset) if self.same_relation_swaps else None
+        return self._loader(dataset, "train", self.per_device_batch_size(), shuffle=True, swap_pool=pool)
+
+    def swap_pool(self, dataset: QADataset) -> SameRelationAnswers:
+        """The train set's answers by relation; an error naming the file when no train question has one."""
+        pool = SameRelationAnswers(dataset.items)
+        if not pool:
+            raise ConfigError(
+                f"model.answer_swap_donors=relation swaps answers within a relation, but no question of the train "
+                f"file {self.files.get('train')} names one. Fix: give each row a \"relation\" string (the kind of "
+                "fact asked, e.g. \"capital\"), or model.answer_swap_donors=batch"
+            )
+        sizes = pool.relation_sizes()
+        log.info(
+            "answer swapping within relations: %d relations, %d distinct answers (fewest: %s)",
+            len(sizes),
+            sum(sizes.values()),
+            min(sizes.items(), key=lambda kv: kv[1]),
+        )
+        return pool
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), "val", self.eval_batch_size, shuffle=False)

@@ -10,7 +10,9 @@ Formats (chosen by extension):
 - corpus ``.jsonl``: one object per line with string fields ``id``, ``title``, ``text``.
 - corpus ``.tsv``: the DPR passage file (``psgs_w100.tsv``), header ``id<TAB>text<TAB>title``.
 - QA ``.jsonl``: ``question``, ``answers`` (list of strings), optional ``id`` (unique in the file; default
-  ``<file stem>-<line>``) and ``gold_passage_ids``; other fields are ignored.
+  ``<file stem>-<line>``), ``gold_passage_ids`` and ``relation`` (a string naming the kind of fact asked, e.g.
+  ``capital``: answers of one relation are of one type, which same-relation answer swapping relies on); other
+  fields are ignored.
 - QA ``.json``: DPR's retriever training format (``biencoder-*.json``): one JSON array of objects with
   ``question``, ``answers``, ``positive_ctxs`` (their ``passage_id`` become the gold passage ids),
   ``negative_ctxs`` and ``hard_negative_ctxs`` (ids kept as the example's hard negatives); errors name the
@@ -82,6 +84,7 @@ class QAExample:
     hard_negative_ids: tuple[str, ...] = ()  # DPR's hard_negative_ctxs (retriever training)
     # KILT files: the provenance pages (wikipedia ids) of each gold output, for R-precision and the KILT scores
     provenance: tuple[tuple[str, ...], ...] = ()
+    relation: str = ""  # the kind of fact asked ("capital"), where the QA set says; answers of one relation share a type
 
 
 class DataError(UserError, ValueError):
@@ -358,12 +361,21 @@ def _qa_jsonl(path: Path, collector: _Collector) -> Iterator[QAExample]:
                 question=_required_str(obj, "question"),
                 answers=_answers(obj["answers"]),
                 gold_passage_ids=_gold_ids(obj.get("gold_passage_ids")),
+                relation=_relation(obj.get("relation")),
             )
             ids.check(example.id, line)
         except _BadRow as err:
             collector.bad(line, str(err))
             continue
         yield example
+
+
+def _relation(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadRow(f"'relation' must be a string naming the kind of fact asked, got {type(value).__name__}")
+    return value
 
 
 def _gold_ids(value: Any) -> tuple[str, ...]:

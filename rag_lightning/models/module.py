@@ -251,6 +251,9 @@ class RagModule(L.LightningModule):
                 eos_id=self.eos_id,
                 decoder_start_id=int(dec_in[0, 0]),
                 prob=self.cfg.answer_swap_prob,
+                donor_answers=batch.get("swap_answers"),
+                max_length=self.retriever.max_context_length,
+                cut_tail=self.retriever.layout == "question_first",
             )
             device = ret["context_input_ids"].device
             ret["context_input_ids"], ret["context_attention_mask"] = ids.to(device), mask.to(device)
