@@ -56,13 +56,12 @@ def test_train_checkpoint_test_export(tmp_path, tiny_train_config):
         rel: {"n": 2, **{m: sum(r[m] for r in records if relation[r["id"]] == rel) / 2 for m in ("em", "f1")}}
         for rel in ("capital", "capital_of")
     }
-    test_records = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
-    test_by_hand = {"capital": {"n": 4, **{m: sum(r[m] for r in test_records) / 4 for m in ("em", "f1")}}}
+    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
+    test_by_hand = {"capital": {"n": 4, **{m: sum(r[m] for r in predictions) / 4 for m in ("em", "f1")}}}
     assert json.loads((run / "metrics_by_relation.json").read_text()) == {
         "test": test_by_hand, "test_paraphrase": by_hand}
     assert sum(r["em"] for r in records) / 4 == pytest.approx(metrics["test_paraphrase/em"])
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and {"id", "prediction", "answers", "em", "f1", "passages"} <= set(predictions[0])
     passages = predictions[0]["passages"]  # the passages read, in rank order, with score and p(z|x)
     assert len(passages) == 2 and {"id", "title", "text", "score", "p"} <= set(passages[0])
