@@ -474,6 +474,25 @@ DPR_NEGATIVES = ("bm25", "dense", "mixed")
 
 
 @dataclass
+class CorpusBankConfig:
+    """`dpr.bank`: the passage side trained against the whole corpus (``dpr.corpus_negatives=true`` with
+    ``dpr.train_context_encoder=true``): the softmax runs over a bank of every passage's vector, refreshed every
+    ``refresh_steps``; each step's positives and hardest bank negatives are encoded fresh, with gradient."""
+
+    layers: int = 1  # top layers of the context encoder trained (its embeddings and lower layers stay fixed)
+    refresh_steps: int = 75  # the bank recomputed every N steps (and at the start of training and validation)
+    fresh_negatives: int = 3  # per question, its highest-scoring bank negatives re-encoded with gradient
+    context_lr: float | None = None  # the context encoder's learning rate (null: dpr.lr)
+
+    def check(self, prefix: str = "dpr.bank") -> None:
+        _positive(f"{prefix}.layers", self.layers)
+        _positive(f"{prefix}.refresh_steps", self.refresh_steps)
+        _at_least(f"{prefix}.fresh_negatives", self.fresh_negatives, 0)
+        if self.context_lr is not None:
+            _positive(f"{prefix}.context_lr", self.context_lr)
+
+
+@dataclass
 class RetrieverTrainingConfig:
     """`dpr`: rag-train-retriever's DPR stage (conf/train_retriever.yaml, conf/dpr/): the question and context
     encoders trained with in-batch plus hard negatives."""
@@ -483,9 +502,11 @@ class RetrieverTrainingConfig:
     # vectors): only the question encoder trains, and validation needs no re-encoding of the corpus
     train_context_encoder: bool = True
     hard_negatives: int = 1  # per question, besides the in-batch ones
-    # true: every passage of the corpus is a negative of every question (the exact retrieval softmax over the
-    # fixed context encoder's vectors) instead of the batch's passages; needs train_context_encoder=false
+    # true: every passage of the corpus is a negative of every question (the exact retrieval softmax) instead of
+    # the batch's passages: over the fixed context encoder's vectors (train_context_encoder=false), or over a bank
+    # of the trained one's vectors refreshed every dpr.bank.refresh_steps (train_context_encoder=true)
     corpus_negatives: bool = False
+    bank: CorpusBankConfig = field(default_factory=CorpusBankConfig)
     # where hard negatives come from: bm25, dense (the starting encoders' ranking of the whole corpus), mixed
     # (the two rankings in turns)
     negatives: str = "bm25"
@@ -515,9 +536,11 @@ class RetrieverTrainingConfig:
         if self.shared_encoder and not self.train_context_encoder:
             raise ConfigError(f"{prefix}.shared_encoder=true trains the one encoder for passages too: it needs "
                               f"{prefix}.train_context_encoder=true")
-        if self.corpus_negatives and self.train_context_encoder:
-            raise ConfigError(f"{prefix}.corpus_negatives=true scores every question against the fixed passage "
-                              f"vectors of the whole corpus: it needs {prefix}.train_context_encoder=false")
+        if self.corpus_negatives and self.shared_encoder:
+            raise ConfigError(f"{prefix}.corpus_negatives=true keeps every passage's vector in a bank, which the "
+                              f"shared encoder's training would make stale at every step: set "
+                              f"{prefix}.shared_encoder=false")
+        self.bank.check(f"{prefix}.bank")
         if self.hard_negatives >= self.mining_depth:
             raise ConfigError(f"{prefix}.hard_negatives={self.hard_negatives} must be < {prefix}.mining_depth")
 

@@ -95,6 +95,9 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
     passage_vectors = None
     if not dpr.train_context_encoder or dpr.negatives != "bm25":  # the starting context encoder's vectors
         passage_vectors = fixed_passage_vectors(context_encoder or context_encoder_like(question_encoder), store, index_cfg)
+    bank, bank_s = None, 0.0
+    if dpr.corpus_negatives and dpr.train_context_encoder:
+        bank, bank_s = passage_bank(context_encoder, store, dpr, index_cfg)
 
     start = time.time()
     train_examples = read_qa(data.train_file, skip_bad_rows=data.skip_bad_rows)
@@ -111,16 +114,18 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
     log.info("mined %d train examples (%s negatives) in %.1fs: %s", len(mined), dpr.negatives,
              time.time() - start, report)
     train = train_loader(train_dataset(mined, tokenizer, max_q), store, dpr.batch_size, (q_pad, ctx_pad),
-                         passage_tokens=dpr.train_context_encoder)
+                         passage_tokens=dpr.train_context_encoder and bank is None)
     val, val_counts = None, {}
     if data.val_file:
         val_examples = read_qa(data.val_file, skip_bad_rows=data.skip_bad_rows)
         questions, val_counts = val_loader(data.val_file, val_examples, store, tokenizer, max_question_length=max_q,
                                            batch_size=dpr.eval_batch_size, pad_id=q_pad)
-        # a trained context encoder re-encodes the whole corpus at each validation; a fixed one has its vectors
-        val = [corpus_loader(store, dpr.eval_batch_size, ctx_pad), questions] if dpr.train_context_encoder else [questions]
+        # a trained context encoder re-encodes the whole corpus at each validation; a fixed one has its vectors,
+        # a bank refreshes them from its states
+        encode_corpus = dpr.train_context_encoder and bank is None
+        val = [corpus_loader(store, dpr.eval_batch_size, ctx_pad), questions] if encode_corpus else [questions]
     module = DPRModule(question_encoder, context_encoder, dpr,
-                       None if dpr.train_context_encoder else passage_vectors)
+                       None if dpr.train_context_encoder else passage_vectors, bank=bank)
     counts = {
         "mining/examples": report.examples,
         "mining/gold_positives": report.gold_positives,
@@ -128,6 +133,7 @@ def _pieces(cfg: DictConfig) -> dict[str, Any]:
         "mining/skipped": report.skipped,
         "mining/short_negatives": report.short_negatives,
         **{f"val/{k}": v for k, v in val_counts.items()},
+        **({"time/bank_states_s": round(bank_s, 1)} if bank is not None else {}),
     }
     return {"module": module, "train": train, "val": val, "tokenizer": tokenizer, "dpr": dpr, "counts": counts,
             "encoder": encoder}
@@ -148,6 +154,28 @@ def fixed_passage_vectors(context_encoder: Any, store: Any, index_cfg: IndexConf
                               progress=index_cfg.progress)
     log.info("passage vectors of the fixed context encoder ready in %.1fs", time.time() - start)
     return torch.from_numpy(np.array(vectors, dtype=np.float32))
+
+
+def passage_bank(context_encoder: Any, store: Any, dpr: RetrieverTrainingConfig, index_cfg: IndexConfig) -> Any:
+    """The states every passage's vector is refreshed from (``dpr.bank``), and the seconds they took."""
+    from rag_lightning.models.encoder_split import n_layers
+    from rag_lightning.models.encoders import encoder_pad_id
+    from rag_lightning.models.passage_bank import PassageBank
+    from rag_lightning.retrieval.build import encode_device
+
+    depth = n_layers(context_encoder)
+    if dpr.bank.layers > depth:
+        raise ConfigError(f"dpr.bank.layers={dpr.bank.layers}: the context encoder has {depth} layers; "
+                          f"train at most all of them (dpr.bank.layers<={depth})")
+    start = time.time()
+    context_encoder.to(encode_device(index_cfg))
+    bank = PassageBank.build(context_encoder, [store.ctx_tokens(r) for r in range(len(store))], dpr.bank.layers,
+                             encoder_pad_id(context_encoder), batch_size=dpr.eval_batch_size,
+                             progress=index_cfg.progress).to("cpu")
+    context_encoder.cpu()  # Lightning places the module
+    log.info("passage bank: states of %d passages below the top %d context layer(s) in %.1fs (%.2f GB)",
+             len(bank), dpr.bank.layers, time.time() - start, bank.states.numel() * 4 / 1e9)
+    return bank, time.time() - start
 
 
 def save_last_checkpoint(trainer: L.Trainer, path: Path) -> None:
@@ -205,6 +233,8 @@ def train_retriever(cfg: DictConfig) -> dict[str, float]:
     t = time.time()
     trainer.fit(module, train_dataloaders=p["train"], ckpt_path=ckpt_path, weights_only=True)
     results["time/fit_s"] = round(time.time() - t, 1)
+    if module.bank is not None:
+        results["time/bank_refresh_s"] = round(module.bank_refresh_s, 1)
     save_last_checkpoint(trainer, output_dir / "checkpoints" / "last.ckpt")
     results["train/steps"] = float(trainer.global_step)
     if p["val"] is not None:

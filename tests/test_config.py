@@ -79,3 +79,20 @@ def test_global_batch_must_be_positive():
 def test_context_checks_name_the_key(node, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         section(ContextConfig, node, "context")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"bank": {"layers": 0}}, "dpr.bank.layers"),
+        ({"bank": {"refresh_steps": 0}}, "dpr.bank.refresh_steps"),
+        ({"bank": {"fresh_negatives": -1}}, "dpr.bank.fresh_negatives"),
+        ({"bank": {"context_lr": 0.0}}, "dpr.bank.context_lr"),
+        ({"bank": {"refresh": 5}}, "dpr.bank.refresh"),
+    ],
+)
+def test_bad_bank_values_name_the_key(override, key):
+    from rag_lightning.config import RetrieverTrainingConfig
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        section(RetrieverTrainingConfig, {"corpus_negatives": True, **override}, "dpr")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rag_lightning.data.readers import DataError, read_qa
-from rag_lightning.models.dpr import corpus_dpr_loss, dpr_loss, rank_metrics
+from rag_lightning.models.dpr import corpus_dpr_loss, dpr_loss, hardest_negatives, rank_metrics
 
 
 # ------------------------------------------------------------------------------------------ the math
@@ -50,6 +50,15 @@ def test_the_corpus_softmax_equals_a_hand_computation_and_never_counts_a_gold_pa
     corpus_dpr_loss(q, corpus, torch.tensor([0, 1]), [[3], []]).backward()
     soft = torch.softmax(torch.tensor([0.0, 2.0, 1.0, 0.0]), dim=0)
     torch.testing.assert_close(q.grad[1], (soft @ corpus - corpus[1]) / 2)
+
+
+def test_hardest_negatives_skip_the_positive_and_every_other_gold_row() -> None:
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    # q0: positive row 0, row 1 another gold row; q1: positive row 4
+    rows = hardest_negatives(scores, torch.tensor([0, 4]), [[1], []], 2)
+    assert rows.tolist() == [[2, 3], [3, 2]]
+    assert hardest_negatives(scores, torch.tensor([0, 4]), [[1], []], 0).shape == (2, 0)
+    assert scores[0, 0] == 5.0  # the caller's scores are left as they were
 
 
 def test_rank_metrics_count_the_best_positive_against_every_passage() -> None:
@@ -287,9 +296,61 @@ def test_corpus_negatives_train_the_question_encoder_against_every_passage(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train/steps"] == 2 and 0.0 <= metrics["val/recall@1"] <= 1.0
     assert scored == [(2, metrics["val/passages"])] * 2  # both steps: 2 questions against all 24 passages
-    # the passage side must be fixed: a trained context encoder would need the corpus re-encoded every step
-    bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.corpus_negatives=true"))
-    assert bad.code == 2 and "it needs dpr.train_context_encoder=false" in bad.err and "Traceback" not in bad.err
+    # one encoder for both sides would make the bank of passage vectors stale at every step
+    bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.corpus_negatives=true",
+                                                          "dpr.shared_encoder=true"))
+    assert bad.code == 2 and "set dpr.shared_encoder=false" in bad.err and "Traceback" not in bad.err
+
+
+def test_corpus_negatives_train_the_context_encoders_top_layer_against_a_refreshed_bank(
+    tmp_path: Path, tiny_world, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import DPRContextEncoder
+
+    from rag_lightning.config import QuestionEncoderConfig
+    from rag_lightning.models import dpr
+    from rag_lightning.models.encoders import build_context_encoder
+
+    scored: list[tuple[int, int, bool]] = []  # (questions, passages, gradient into the passages) per step
+    refreshes: list[int] = []
+
+    def spy(q, corpus, positive_rows, other_positive_rows=()):
+        scored.append((q.shape[0], corpus.shape[0], corpus.requires_grad))
+        return corpus_dpr_loss(q, corpus, positive_rows, other_positive_rows)
+
+    refresh = dpr.DPRModule.refresh_bank
+
+    def counted(module):
+        refreshes.append(module.global_step)
+        refresh(module)
+
+    monkeypatch.setattr(dpr, "corpus_dpr_loss", spy)
+    monkeypatch.setattr(dpr.DPRModule, "refresh_bank", counted)
+    run_dir = tmp_path / "run"
+    args = retriever_overrides(tmp_path, tiny_world, f"run_dir={run_dir}", "dpr.corpus_negatives=true",
+                               "dpr.bank.refresh_steps=2", "dpr.bank.fresh_negatives=2", "trainer.max_steps=3")
+    result = cli("rag-train-retriever", *args)
+    assert result.code == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 3 and metrics["val/passages"] == 24 and 0.0 <= metrics["val/recall@1"] <= 1.0
+    assert metrics["time/bank_states_s"] >= 0 and metrics["time/bank_refresh_s"] >= 0
+    assert "val/corpus_encode_s" not in metrics  # validation ranks against the refreshed bank
+    assert scored == [(2, 24, True)] * 3  # every passage in each softmax, the fresh ones with gradient
+    assert refreshes == [2, 3]  # after step 2 (refresh_steps), then at validation
+    # only the context encoder's top layer moved (dpr.bank.layers=1); the tiny encoder has 2
+    start = build_context_encoder(QuestionEncoderConfig(kind="tiny")).ctx_encoder.bert_model.state_dict()
+    trained = DPRContextEncoder.from_pretrained(run_dir / "encoders" / "context_encoder").ctx_encoder.bert_model
+    moved = {name.split(".")[2] for name, w in trained.state_dict().items() if not torch.equal(w, start[name])}
+    assert moved == {"1"}, moved
+    # resumed: the bank rebuilt from the restored weights before the first step
+    refreshes.clear()
+    resumed = cli("rag-train-retriever", *args, "ckpt_path=last", "trainer.max_steps=5")
+    assert resumed.code == 0, resumed.output[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["train/steps"] == 5
+    assert refreshes[0] == 3
+    bad = cli("rag-train-retriever", *retriever_overrides(tmp_path, tiny_world, "dpr.corpus_negatives=true",
+                                                          "dpr.bank.layers=3"))
+    assert bad.code == 2 and "dpr.bank.layers=3: the context encoder has 2 layers" in bad.err
 
 
 @pytest.mark.parametrize("negatives", ["dense", "mixed"])

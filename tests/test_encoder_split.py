@@ -25,12 +25,13 @@ def batch() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("build", [build_question_encoder, build_context_encoder])
 @pytest.mark.parametrize("n_top", [1, 2, 3])
-def test_bottom_then_top_equals_the_encoder(build, n_top: int, batch) -> None:
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_bottom_then_top_equals_the_encoder(build, n_top: int, cls_only: bool, batch) -> None:
     encoder = build(TINY).eval()
     with torch.no_grad():
         reference = encoder(**batch).pooler_output
         states = encode_bottom(encoder, batch["input_ids"], batch["attention_mask"], n_top)
-        vectors = encode_top(encoder, states, batch["attention_mask"], n_top)
+        vectors = encode_top(encoder, states, batch["attention_mask"], n_top, cls_only=cls_only)
     assert torch.allclose(vectors, reference, atol=1e-6)
 
 
@@ -42,14 +43,17 @@ def test_bottom_runs_without_dropout_and_keeps_the_mode(batch) -> None:
     assert encoder.training
 
 
-def test_only_the_top_layers_get_gradients(batch) -> None:
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_only_the_top_layers_get_gradients(batch, cls_only: bool) -> None:
     encoder = build_question_encoder(TINY).train()
     freeze_bottom(encoder, 1)
     states = encode_bottom(encoder, batch["input_ids"], batch["attention_mask"], 1)
-    encode_top(encoder, states, batch["attention_mask"], 1).sum().backward()
+    encode_top(encoder, states, batch["attention_mask"], 1, cls_only=cls_only).sum().backward()
     with_grad = {name.split(".")[4] if ".layer." in name else name.split(".")[2]
                  for name, p in encoder.named_parameters() if p.grad is not None}
     assert with_grad == {"2"}  # layer 2 of 0..2; no embeddings, no lower layer
+    top = encoder.question_encoder.bert_model.encoder.layer[2]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top.parameters())  # [CLS] uses every weight
     assert not any(p.requires_grad for p in encoder.question_encoder.bert_model.embeddings.parameters())
 
 

@@ -5,6 +5,8 @@ of the batch (every question's positive and hard negatives: in-batch negatives p
 inner product. :func:`dpr_loss` is that, on tensors; :class:`DPRModule` wires the encoders to it and
 measures retrieval on the whole corpus at validation: the corpus is re-encoded by the context encoder as
 validation dataloader 0, then the held-out questions (dataloader 1) are scored against every passage.
+With ``corpus_negatives`` every passage of the corpus is in each question's softmax: the fixed context
+encoder's vectors, or a :class:`~rag_lightning.models.passage_bank.PassageBank` of the trained one's.
 The store, the index and the mining live in ``retrieval/`` (``retrieval/dpr_data.py`` builds the batches).
 """
 
@@ -26,6 +28,7 @@ from rag_lightning.config import RetrieverTrainingConfig
 from rag_lightning.models.encoder_split import freeze_bottom
 from rag_lightning.models.encoders import encode_texts
 from rag_lightning.models.module import _lr_lambda, _param_groups
+from rag_lightning.models.passage_bank import PassageBank
 
 
 def dpr_loss(question_vectors: torch.Tensor, passage_vectors: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -51,12 +54,30 @@ def corpus_dpr_loss(
     positive_rows (B,) the corpus row of each question's positive; other_positive_rows: per question, its
     other gold rows, left out of its softmax (they are right answers, not negatives).
     """
-    scores = question_vectors.float() @ corpus_vectors.float().T
+    scores = _leave_out_other_gold(question_vectors.float() @ corpus_vectors.float().T, positive_rows,
+                                   other_positive_rows)
+    return torch.nn.functional.cross_entropy(scores, positive_rows)
+
+
+def _leave_out_other_gold(
+    scores: torch.Tensor, positive_rows: torch.Tensor, other_positive_rows: Sequence[Sequence[int]]
+) -> torch.Tensor:
     for i, rows in enumerate(other_positive_rows):
         others = [r for r in rows if r != int(positive_rows[i])]
         if others:
             scores[i, others] = float("-inf")
-    return torch.nn.functional.cross_entropy(scores, positive_rows)
+    return scores
+
+
+@torch.no_grad()
+def hardest_negatives(
+    scores: torch.Tensor, positive_rows: torch.Tensor, other_positive_rows: Sequence[Sequence[int]], n: int
+) -> torch.Tensor:
+    """(B, n) corpus rows scoring highest for each question among its negatives (never its positive or another
+    of its gold rows). scores (B, N) of the questions against the corpus."""
+    scores = _leave_out_other_gold(scores.detach().float().clone(), positive_rows, other_positive_rows)
+    scores[torch.arange(len(positive_rows)), positive_rows] = float("-inf")
+    return scores.topk(min(n, scores.shape[1] - 1), dim=1).indices
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -126,9 +147,11 @@ class DPRModule(L.LightningModule):
         context_encoder: nn.Module | None,
         config: RetrieverTrainingConfig,
         passage_vectors: torch.Tensor | None = None,
+        bank: PassageBank | None = None,
     ) -> None:
         """``passage_vectors`` (N, d): the fixed context encoder's vectors of every corpus row, given when
-        ``config.train_context_encoder`` is false (a buffer outside the checkpoint)."""
+        ``config.train_context_encoder`` is false (a buffer outside the checkpoint). ``bank``: the states the
+        trained context encoder's vectors are refreshed from, given when ``config.corpus_negatives`` is true too."""
         super().__init__()
         self.question_encoder = question_encoder
         # shared weights: the question encoder encodes passages too (exported as a DPRContextEncoder copy)
@@ -139,8 +162,15 @@ class DPRModule(L.LightningModule):
                 raise ValueError("train_context_encoder=false needs the context encoder and its passage vectors")
             self.context_encoder.requires_grad_(False)
             self.register_buffer("passage_vectors", passage_vectors.float(), persistent=False)
+        self.bank = bank if self.uses_bank else None
+        if self.uses_bank:
+            if bank is None or self.context_encoder is None:
+                raise ValueError("corpus_negatives with a trained context encoder needs its passage bank")
+            freeze_bottom(self.context_encoder, bank.layers)
+            self.register_buffer("passage_vectors", bank.vectors(self.context_encoder), persistent=False)
+        self.bank_refresh_s = 0.0
         if config.trainable_layers is not None:
-            for encoder in (self.question_encoder, self.context_encoder):
+            for encoder in (self.question_encoder, None if self.uses_bank else self.context_encoder):
                 if encoder is not None:
                     freeze_bottom(encoder, config.trainable_layers)
         self._corpus: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -150,6 +180,11 @@ class DPRModule(L.LightningModule):
         self._encode_s = 0.0
         self.train()
         self.save_hyperparameters({"dpr": json.loads(json.dumps(asdict(config), default=str))})
+
+    @property
+    def uses_bank(self) -> bool:
+        """The passage side trains against the whole corpus, through the bank (``dpr.bank``)."""
+        return self.cfg.corpus_negatives and self.cfg.train_context_encoder
 
     @property
     def passage_encoder(self) -> nn.Module:
@@ -167,6 +202,8 @@ class DPRModule(L.LightningModule):
         size = q.shape[0]
         if self.cfg.corpus_negatives:  # every rank holds the whole corpus: no gathering needed
             p, target, accuracy_name = self.passage_vectors, batch["positive_rows"], "train/corpus_accuracy"
+            if self.uses_bank:
+                p = self._bank_with_fresh_rows(q, batch)
             loss = corpus_dpr_loss(q, p, target, batch["other_positive_rows"])
         else:
             if self.cfg.train_context_encoder:
@@ -182,10 +219,42 @@ class DPRModule(L.LightningModule):
         self.log(accuracy_name, accuracy, batch_size=size)
         return loss
 
+    # ---------------------------------------------------------------- the passage bank (dpr.bank)
+    def _bank_with_fresh_rows(self, q: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The bank with each question's positive and its ``fresh_negatives`` hardest bank negatives encoded
+        again, with gradient: their columns carry the context encoder's gradient, the rest are constants."""
+        assert self.bank is not None
+        self.bank = self.bank.to(self.passage_vectors.device)
+        positives = batch["positive_rows"]
+        negatives = hardest_negatives(q.detach().float() @ self.passage_vectors.T, positives, batch["other_positive_rows"],
+                                      self.cfg.bank.fresh_negatives)
+        rows = torch.unique(torch.cat([positives, negatives.flatten()]))
+        fresh = self.bank.encode(self.context_encoder, rows).float()
+        self.log("train/fresh_passages", float(len(rows)), batch_size=q.shape[0])
+        return self.passage_vectors.index_copy(0, rows, fresh)
+
+    def refresh_bank(self) -> None:
+        """Every passage's vector recomputed from the bank's states by the current context encoder."""
+        if self.bank is None:
+            return
+        start = time.perf_counter()
+        self.bank = self.bank.to(self.passage_vectors.device)
+        self.passage_vectors.copy_(self.bank.vectors(self.context_encoder, self.cfg.eval_batch_size))
+        self.bank_refresh_s += time.perf_counter() - start
+
+    def on_train_start(self) -> None:
+        if self.global_step > 0:  # a resumed run: the bank from its restored weights
+            self.refresh_bank()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if self.bank is not None and self.global_step % self.cfg.bank.refresh_steps == 0:
+            self.refresh_bank()
+
     # ---------------------------------------------------------------- validation on the whole corpus
     def on_validation_epoch_start(self) -> None:
         self._corpus, self._questions, self._positives = [], [], []
         self._val_start = time.perf_counter()
+        self.refresh_bank()  # the passage side as the context encoder stands now
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "rows" in batch:  # dataloader 0: the corpus, re-encoded by the current context encoder
@@ -199,7 +268,7 @@ class DPRModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._questions:
             return
-        if not self.cfg.train_context_encoder:  # fixed passages: the vectors computed once
+        if not self.cfg.train_context_encoder or self.uses_bank:  # fixed passages, or the bank just refreshed
             corpus = self.passage_vectors.cpu()
             rows = torch.arange(len(corpus))
         elif self._corpus:
@@ -214,7 +283,7 @@ class DPRModule(L.LightningModule):
         for name, value in results.items():
             self.log(f"val/{name}", value)
         self.log("val/passages", float(len(rows)))
-        if self.cfg.train_context_encoder:
+        if self.cfg.train_context_encoder and not self.uses_bank:
             self.log("val/corpus_encode_s", self._encode_s)
         self._corpus, self._questions = [], []
 
@@ -223,7 +292,8 @@ class DPRModule(L.LightningModule):
         cfg = self.cfg
         groups = _param_groups(self.question_encoder, cfg.lr, cfg.weight_decay)
         if self.context_encoder is not None and cfg.train_context_encoder:
-            groups += _param_groups(self.context_encoder, cfg.lr, cfg.weight_decay)
+            lr = cfg.bank.context_lr if self.uses_bank and cfg.bank.context_lr is not None else cfg.lr
+            groups += _param_groups(self.context_encoder, lr, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.scheduler, cfg.warmup_steps, total))
