@@ -114,3 +114,13 @@ def test_wandb_offline_run_holds_logged_metrics(tmp_path, tiny_train_config):
     import wandb
 
     assert wandb.run is None  # finished, so the next job of a sweep starts a fresh run
+
+
+@pytest.mark.parametrize(("experiment", "bank"), [("world_dpr", True), ("world_dpr_fixed_passages", False)])
+def test_dpr_experiments_compose_under_the_retriever_stage(experiment: str, bank: bool) -> None:
+    from rag_lightning.config import RetrieverTrainingConfig, section
+
+    cfg = _compose("train_retriever", f"experiment={experiment}", "paths.output_dir=/tmp/x", "paths.cache_dir=/c")
+    dpr = section(RetrieverTrainingConfig, cfg.dpr, "dpr")
+    assert (dpr.corpus_negatives and dpr.train_context_encoder) is bank  # the passage bank, or fixed passages
+    assert cfg.export_dir == "/c/encoders/world_dpr"  # both where world_rag_token_dpr looks
