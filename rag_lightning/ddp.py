@@ -9,7 +9,7 @@ the user's command. Upstream fixes (Lightning PR #11617, reverted; PR #18175, op
 :class:`HydraDDPStrategy` (the strategy of ``trainer=ddp`` / ``trainer=ddp_cpu``) swaps that command for one
 that re-runs this job only, in run mode, in this job's directory::
 
-    python -m rag_lightning.train --config-name=<name> <this job's overrides> hydra.mode=RUN
+    python -m <the stage's module> --config-name=<name> <this job's overrides> hydra.mode=RUN
         hydra.run.dir=<this job's output dir> hydra.output_subdir=null hydra.job.name=<name>_ddp_rank<r>
         [hydra.sweep.dir=<the sweep's dir>]            # under a sweep: wandb grouping sees the same sweep
 
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 CHILD_EXIT_TIMEOUT_S = 300
+# the stages that train under DDP, by root config: the module their child ranks run, the command users type
+STAGES = {
+    "train": ("rag_lightning.train", "rag-train"),
+    "train_retriever": ("rag_lightning.train_retriever", "rag-train-retriever"),
+}
 # what the last job of this process that launched children left behind: env before launch, children
 _previous_launch: dict[str, Any] = {}
 
@@ -79,12 +84,20 @@ def hydra_job_command(
     return command
 
 
+def stage_of(config_name: str | None) -> tuple[str, str]:
+    """(module, command) of the stage whose root config is ``config_name`` (rag-train's when unknown)."""
+    return STAGES.get(config_name or "train", STAGES["train"])
+
+
 def current_job_command(rank: int, entry_module: str | None) -> tuple[list[str], str]:
-    """:func:`hydra_job_command` for the running Hydra job, and the directory to start it in."""
+    """:func:`hydra_job_command` for the running Hydra job, and the directory to start it in. ``entry_module``
+    "auto": the module of the job's stage (by its root config); None: the running script."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    if entry_module == "auto":
+        entry_module = stage_of(hc.job.config_name)[0]
     if entry_module:
         entry: list[str] = ["-m", entry_module]
     else:  # Lightning's rule: the running script
@@ -131,9 +144,9 @@ class RankWatch(_ChildProcessObserver):
     """Lightning's watch over the child ranks (every 5 s; a dead rank gets the whole job killed so no rank hangs
     in a collective), ending with a message and exit status 2 instead of a silent SIGKILL of rank 0."""
 
-    def __init__(self, *args: Any, output_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, output_dir: str | None = None, command: str = "rag-train", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.output_dir = output_dir
+        self.output_dir, self.command = output_dir, command
 
     def _terminate_all(self) -> None:
         dead = [(i + 1, p.pid, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
@@ -144,7 +157,7 @@ class RankWatch(_ChildProcessObserver):
         print(
             f"error: a DDP process of this job stopped: {ranks}; the job stops (no rank is left waiting). The "
             f"checkpoints written before are intact. Fix: see the ranks' logs ({where}/*.log), then resume: "
-            f"rag-train run_dir={where} ckpt_path=last",
+            f"{self.command} run_dir={where} ckpt_path=last",
             file=sys.stderr,
             flush=True,
         )
@@ -155,7 +168,7 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
     """Lightning's subprocess launcher with children that re-run the current Hydra job only, and a watch over
     them that ends the job with a message when one dies (:class:`RankWatch`)."""
 
-    def __init__(self, *args: Any, entry_module: str | None = "rag_lightning.train", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, entry_module: str | None = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.entry_module = entry_module
 
@@ -167,8 +180,10 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
             self._call_children_scripts()
-            output_dir = str(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-            RankWatch(main_pid=os.getpid(), child_processes=self.procs, output_dir=output_dir).start()
+            hydra = HydraConfig.get() if HydraConfig.initialized() else None
+            output_dir = str(hydra.runtime.output_dir) if hydra is not None else None
+            command = stage_of(hydra.job.config_name if hydra is not None else None)[1]
+            RankWatch(main_pid=os.getpid(), child_processes=self.procs, output_dir=output_dir, command=command).start()
         _set_num_threads_if_needed(num_processes=self.num_processes)
         return function(*args, **kwargs)
 
@@ -210,9 +225,9 @@ class _replaced:
 
 class HydraDDPStrategy(DDPStrategy):
     """``DDPStrategy`` for Hydra jobs and sweeps; ``entry_module`` is what the children run with ``python -m``
-    (None: the running script, as Lightning does)."""
+    ("auto": the module of the job's stage, :data:`STAGES`; None: the running script, as Lightning does)."""
 
-    def __init__(self, *args: Any, entry_module: str | None = "rag_lightning.train", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, entry_module: str | None = "auto", **kwargs: Any) -> None:
         forget_previous_launch()
         super().__init__(*args, **kwargs)
         self.entry_module = entry_module

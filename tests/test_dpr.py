@@ -353,6 +353,31 @@ def test_corpus_negatives_train_the_context_encoders_top_layer_against_a_refresh
     assert bad.code == 2 and "dpr.bank.layers=3: the context encoder has 2 layers" in bad.err
 
 
+@pytest.mark.parametrize("mode", [[], ["dpr.corpus_negatives=true", "dpr.bank.refresh_steps=2"]], ids=["in_batch", "bank"])
+def test_rag_train_retriever_trains_under_two_process_ddp(tmp_path: Path, tiny_world, cli_subprocess, mode) -> None:
+    """`trainer=ddp_cpu`: rank 1 re-runs this stage (not rag-train's), the ranks train together, rank 0 exports."""
+    from transformers import DPRContextEncoder
+
+    run_dir = tmp_path / "run"
+    result = cli_subprocess("rag-train-retriever", *retriever_overrides(
+        tmp_path, tiny_world, f"run_dir={run_dir}", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=3",
+        "logger=csv", *mode))
+    assert result.code == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 3
+    assert "val/recall@1" not in metrics  # the whole-corpus validation runs in one process only (a warning says so)
+    rank1 = (run_dir / "train_retriever_ddp_rank1.log").read_text()  # rank 1 ran this stage and trained
+    assert "mined 8 train examples" in rank1 and "GLOBAL_RANK: 1" in rank1
+    DPRContextEncoder.from_pretrained(run_dir / "encoders" / "context_encoder")
+
+
+def test_ddp_children_run_the_stage_of_their_root_config() -> None:
+    from rag_lightning.ddp import stage_of
+
+    assert stage_of("train_retriever") == ("rag_lightning.train_retriever", "rag-train-retriever")
+    assert stage_of("train") == stage_of(None) == ("rag_lightning.train", "rag-train")
+
+
 @pytest.mark.parametrize("negatives", ["dense", "mixed"])
 def test_dense_and_mixed_hard_negatives_train(tmp_path: Path, tiny_world, cli, negatives: str) -> None:
     run_dir = tmp_path / "run"
