@@ -353,7 +353,12 @@ def test_corpus_negatives_train_the_context_encoders_top_layer_against_a_refresh
     assert bad.code == 2 and "dpr.bank.layers=3: the context encoder has 2 layers" in bad.err
 
 
-@pytest.mark.parametrize("mode", [[], ["dpr.corpus_negatives=true", "dpr.bank.refresh_steps=2"]], ids=["in_batch", "bank"])
+# in_batch is slow-marked: the bank run covers launching the stage's ranks, and the 2-process gloo test below
+# covers the gathered in-batch loss and its gradients
+@pytest.mark.parametrize("mode", [
+    pytest.param([], id="in_batch", marks=pytest.mark.slow),
+    pytest.param(["dpr.corpus_negatives=true", "dpr.bank.refresh_steps=2"], id="bank"),
+])
 def test_rag_train_retriever_trains_under_two_process_ddp(tmp_path: Path, tiny_world, cli_subprocess, mode) -> None:
     """`trainer=ddp_cpu`: rank 1 re-runs this stage (not rag-train's), the ranks train together, rank 0 exports."""
     from transformers import DPRContextEncoder
