@@ -169,6 +169,7 @@ class DPRModule(L.LightningModule):
             freeze_bottom(self.context_encoder, bank.layers)
             self.register_buffer("passage_vectors", bank.vectors(self.context_encoder), persistent=False)
         self.bank_refresh_s = 0.0
+        self._bank_step = 0  # the step whose weights the bank's vectors come from
         if config.trainable_layers is not None:
             for encoder in (self.question_encoder, None if self.uses_bank else self.context_encoder):
                 if encoder is not None:
@@ -240,21 +241,25 @@ class DPRModule(L.LightningModule):
         start = time.perf_counter()
         self.bank = self.bank.to(self.passage_vectors.device)
         self.passage_vectors.copy_(self.bank.vectors(self.context_encoder, self.cfg.eval_batch_size))
+        self._bank_step = self.global_step
         self.bank_refresh_s += time.perf_counter() - start
 
-    def on_train_start(self) -> None:
-        if self.global_step > 0:  # a resumed run: the bank from its restored weights
+    def _refresh_bank_if_stale(self) -> None:
+        if self.bank is not None and self._bank_step != self.global_step:
             self.refresh_bank()
 
+    def on_train_start(self) -> None:
+        self._refresh_bank_if_stale()  # a resumed run: the bank from its restored weights
+
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        if self.bank is not None and self.global_step % self.cfg.bank.refresh_steps == 0:
-            self.refresh_bank()
+        if self.global_step % self.cfg.bank.refresh_steps == 0:
+            self._refresh_bank_if_stale()
 
     # ---------------------------------------------------------------- validation on the whole corpus
     def on_validation_epoch_start(self) -> None:
         self._corpus, self._questions, self._positives = [], [], []
         self._val_start = time.perf_counter()
-        self.refresh_bank()  # the passage side as the context encoder stands now
+        self._refresh_bank_if_stale()  # the passage side as the context encoder stands now
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "rows" in batch:  # dataloader 0: the corpus, re-encoded by the current context encoder
