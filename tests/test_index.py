@@ -288,6 +288,24 @@ def test_ensure_index_builds_then_reuses_and_rebuilds_only_what_changed(user_dat
     assert found.rows.shape == (2, 3)
 
 
+def test_another_passage_length_encodes_the_corpus_again(user_data: Path) -> None:
+    """The vectors directory is shared by every passage length (its name does not carry it): vectors of the
+    corpus cut to 64 tokens must not be reused for the corpus cut to 12."""
+    from rag_lightning.retrieval.build import ensure_index
+    from rag_lightning.retrieval.encode import encode_rows
+
+    built_dirs(user_data)
+    vectors = user_data / "cache" / "vectors" / "jsonl-tiny" / "vectors.npy"
+    before = np.load(vectors)
+    spec, gen_tok = index_spec(user_data, "model.question_encoder.ctx_max_length=12")
+    store, _, expect = ensure_index(spec, gen_tok)
+    assert store.manifest["ctx_max_length"] == 12 and expect["ctx_max_length"] == 12
+    after = np.load(vectors)
+    fresh = encode_rows(build_context_encoder(spec.encoder), store, 0, len(store))
+    np.testing.assert_allclose(after, fresh, atol=1e-6)
+    assert np.abs(after - before).max() > 1e-3
+
+
 # each key the store is built from, changed alone, with the store's directory pinned (the default directory
 # name carries ctx_max_length, so only a pinned one shows that the manifest itself decides)
 STORE_KEYS = [

@@ -1,10 +1,10 @@
 """Passage vectors from the context encoder: sharded, resumable, then joined into one memory-mapped file.
 
-``out_dir`` holds ``encode_state.json`` (what is being encoded: encoder fingerprint, corpus hash, shard size),
-``shards/shard_00000.npy`` ... written atomically as each finishes (their sizes and hashes in
-``shards/sums.json``), and at the end ``vectors.npy`` (N, d) float32 with its size and hashes in
-``vectors.json``. A killed run started again with the same inputs skips the finished shards; different inputs
-start over. A shard or ``vectors.npy`` that no longer matches its recorded size and sampled hash (truncated,
+``out_dir`` holds ``encode_state.json`` (what is being encoded: encoder fingerprint, corpus hash, the context
+tokenizer and passage length, shard size), ``shards/shard_00000.npy`` ... written atomically as each finishes
+(their sizes and hashes in ``shards/sums.json``), and at the end ``vectors.npy`` (N, d) float32 with its size
+and hashes in ``vectors.json``. A killed run started again with the same inputs skips the finished shards;
+different inputs start over. A shard or ``vectors.npy`` that no longer matches its recorded size and sampled hash (truncated,
 overwritten) is encoded again, with a warning naming it: nothing damaged is ever joined or indexed.
 """
 
@@ -206,6 +206,9 @@ def encode_passages(
     state = {
         "encoder_fingerprint": encoder_fingerprint(ctx_encoder),
         "corpus_hash": store.corpus_hash,
+        # the encoder's input: the same corpus cut to another length gives other vectors
+        "ctx_tokenizer": store.manifest["ctx_tokenizer"],
+        "ctx_max_length": store.manifest["ctx_max_length"],
         "passages": n,
         "shard_size": shard_size,
         "shards": n_shards,
