@@ -65,6 +65,31 @@ def test_arrays_are_memory_mapped(built: CorpusStore) -> None:
     assert isinstance(built.gen_tokens(0), np.memmap)
 
 
+def test_cut_passages_are_counted_and_named(
+    built: CorpusStore, gen_tok: PreTrainedTokenizerFast, synthetic_passages, ctx_tokenizer, tmp_path: Path, caplog
+) -> None:
+    tok, passages = ctx_tokenizer(), synthetic_passages()
+    full = [len(tok(*((p.title, p.text) if p.title else (p.text,)))["input_ids"]) for p in passages]
+    assert 0 < sum(n > 24 for n in full) < len(passages)  # the fixture has passages on both sides of the cut
+    assert built.manifest["ctx_truncated"] == sum(n > 24 for n in full)
+    assert built.manifest["gen_truncated"] == 0
+    with caplog.at_level("WARNING", logger="rag_lightning.retrieval.store"):
+        store = CorpusStore.build(passages, gen_tok, tok, tmp_path / "s", ctx_max_length=24, gen_max_passage_tokens=8)
+    gen_full = [len(gen_tok(f" {p.title} / {p.text}" if p.title else f" {p.text}", add_special_tokens=False)
+                     ["input_ids"]) for p in passages]  # fmt: skip
+    assert store.manifest["gen_truncated"] == sum(n > 8 for n in gen_full) > 0
+    assert f"{built.manifest['ctx_truncated']} of {len(passages)} passages are longer than ctx_max_length=24" in caplog.text
+    assert "Fix: raise model.question_encoder.ctx_max_length" in caplog.text
+    assert "Fix: raise index.gen_max_passage_tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rag_lightning.retrieval.store"):
+        whole = CorpusStore.build(passages, gen_tok, tok, tmp_path / "w", ctx_max_length=max(full))
+    assert whole.manifest["ctx_truncated"] == 0 and "longer than" not in caplog.text
+    assert [whole.ctx_tokens(r).tolist() for r in range(len(whole))] == [
+        tok(*((p.title, p.text) if p.title else (p.text,)))["input_ids"] for p in passages
+    ]
+
+
 def test_manifest_records_inputs(built: CorpusStore, gen_tok: PreTrainedTokenizerFast) -> None:
     m = json.loads((built.dir / "manifest.json").read_text())
     assert m["passages"] == 40 and m["ctx_max_length"] == 24 and m["title_separator"] == " / "

@@ -133,21 +133,32 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _ctx_ids(ctx_tokenizer: Any, titles: list[str], texts: list[str], max_length: int) -> list[list[int]]:
-    """DPR passage input: ``[CLS] title [SEP] text [SEP]`` (``[CLS] text [SEP]`` without a title)."""
+def _ctx_ids(
+    ctx_tokenizer: Any, titles: list[str], texts: list[str], max_length: int
+) -> tuple[list[list[int]], int]:
+    """DPR passage input: ``[CLS] title [SEP] text [SEP]`` (``[CLS] text [SEP]`` without a title), cut to
+    ``max_length``; and how many passages were cut. Tokenised to one token more, so a cut shows as overflow;
+    only those passages are tokenised again."""
     out: list[list[int]] = [[] for _ in titles]
     with_title = [i for i, t in enumerate(titles) if t]
     without = [i for i, t in enumerate(titles) if not t]
-    kw = {"truncation": "longest_first", "max_length": max_length}
-    if with_title:
-        enc = ctx_tokenizer([titles[i] for i in with_title], [texts[i] for i in with_title], **kw)
-        for i, ids in zip(with_title, enc["input_ids"], strict=True):
-            out[i] = ids
-    if without:
-        enc = ctx_tokenizer([texts[i] for i in without], **kw)
-        for i, ids in zip(without, enc["input_ids"], strict=True):
-            out[i] = ids
-    return out
+
+    def encode(rows: list[int], length: int) -> list[list[int]]:
+        kw = {"truncation": "longest_first", "max_length": length}
+        if rows and titles[rows[0]]:
+            return ctx_tokenizer([titles[i] for i in rows], [texts[i] for i in rows], **kw)["input_ids"]
+        return ctx_tokenizer([texts[i] for i in rows], **kw)["input_ids"] if rows else []
+
+    cut = 0
+    for rows in (with_title, without):
+        ids = encode(rows, max_length + 1)
+        long = [k for k, one in enumerate(ids) if len(one) > max_length]
+        for k, one in zip(long, encode([rows[k] for k in long], max_length), strict=True):
+            ids[k] = one
+        cut += len(long)
+        for i, one in zip(rows, ids, strict=True):
+            out[i] = one
+    return out, cut
 
 
 def _check_piecewise(gen_tokenizer: Any, title_separator: str) -> None:
@@ -222,6 +233,7 @@ class CorpusStore:
         writers = {name: RaggedWriter(tmp, name, dtype) for name, dtype in FIELDS.items()}
         content = hashlib.sha256()
         seen: set[str] = set()
+        ctx_cut = gen_cut = 0
         for chunk in _chunks(passages, CHUNK):
             ids = [str(p.id) for p in chunk]
             titles = [p.title.strip() for p in chunk]
@@ -236,7 +248,10 @@ class CorpusStore:
             ]
             gen = gen_tokenizer(gen_strings, add_special_tokens=False)["input_ids"]
             writers["gen"].append([g[:gen_max_passage_tokens] for g in gen])
-            writers["ctx"].append(_ctx_ids(ctx_tokenizer, titles, texts, ctx_max_length))
+            gen_cut += sum(len(g) > gen_max_passage_tokens for g in gen)
+            ctx, cut = _ctx_ids(ctx_tokenizer, titles, texts, ctx_max_length)
+            writers["ctx"].append(ctx)
+            ctx_cut += cut
             for name, values in (("ids", ids), ("titles", titles), ("texts", texts)):
                 writers[name].append([v.encode("utf-8") for v in values])
             for pid, title, text in zip(ids, titles, texts, strict=True):
@@ -253,7 +268,9 @@ class CorpusStore:
             "gen_tokenizer": tokenizer_fingerprint(gen_tokenizer),
             "ctx_tokenizer": tokenizer_fingerprint(ctx_tokenizer),
             "ctx_max_length": ctx_max_length,
+            "ctx_truncated": ctx_cut,  # passages longer than ctx_max_length: the context encoder sees their start
             "gen_max_passage_tokens": gen_max_passage_tokens,
+            "gen_truncated": gen_cut,  # passages longer than gen_max_passage_tokens: the generator reads their start
             "title_separator": title_separator,
             "gen_form": "' ' + title + title_separator + text, no special tokens",
             "ctx_form": "[CLS] title [SEP] text [SEP], truncated to ctx_max_length",
@@ -266,6 +283,21 @@ class CorpusStore:
             shutil.rmtree(out)
         os.replace(tmp, out)
         log.info("corpus store: %d passages written to %s", len(passages), out)
+        if ctx_cut:
+            log.warning(
+                "%d of %d passages are longer than ctx_max_length=%d context-encoder tokens: the context encoder "
+                "sees only their first %d tokens, so words past them cannot match a question in the dense index. "
+                "Fix: raise model.question_encoder.ctx_max_length (up to the encoder's position limit, 512 for "
+                "BERT-style encoders)",
+                ctx_cut, len(passages), ctx_max_length, ctx_max_length,
+            )
+        if gen_cut:
+            log.warning(
+                "%d of %d passages are longer than index.gen_max_passage_tokens=%d generator tokens: the "
+                "generator reads only their first %d. Fix: raise index.gen_max_passage_tokens (and "
+                "context.max_length, which cuts question and passage together)",
+                gen_cut, len(passages), gen_max_passage_tokens, gen_max_passage_tokens,
+            )
         return cls(out)
 
     @classmethod
