@@ -180,7 +180,9 @@ class QuestionEncoderConfig:
     kind: str = "minilm"  # minilm | dpr | tiny | path | rag (a transformers RAG checkpoint)
     question_name_or_path: str | None = None
     context_name_or_path: str | None = None
-    ctx_max_length: int = 128  # passage tokens for the context encoder ([CLS] title [SEP] text [SEP])
+    # passage tokens for the context encoder ([CLS] title [SEP] text [SEP]); 256 = MiniLM's own limit in
+    # sentence-transformers; words past it cannot be retrieved densely (the store build warns with a count)
+    ctx_max_length: int = 256
     tiny: TinyEncoderConfig = field(default_factory=TinyEncoderConfig)
 
     def check(self, prefix: str = "model.question_encoder") -> None:
