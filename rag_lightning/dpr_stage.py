@@ -181,7 +181,7 @@ def passage_bank(context_encoder: Any, store: Any, dpr: RetrieverTrainingConfig,
 def save_last_checkpoint(trainer: L.Trainer, path: Path) -> None:
     """last.ckpt at the end of training too (the callback writes it every N steps), renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # optimizer and loops too: a resume continues from it
     if trainer.is_global_zero:
         os.replace(tmp, path)
 
