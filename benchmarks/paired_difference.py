@@ -10,7 +10,9 @@ its per-question metrics), pairs the records by id, and prints for each metric: 
 difference, its standard error (standard deviation of the paired differences over sqrt(n)) and the difference in
 standard errors. Records whose metric is null (e.g. factuality of a sentence that states no fact) are left out of
 that metric's pairs. ``--group-by FIELD`` also splits the means by a field of the records (or of their ``meta``).
-``--b-weight W`` tests A against W x B (the difference is A - W x B, e.g. a ratio target of 0.8); ``--pair-by-stem``
+A side may be several runs of one recipe (seeds) joined by commas, ``A1.jsonl,A2.jsonl``: each question's metrics
+are averaged over that side's runs before pairing, so the standard error is that of the seed-averaged systems on
+these questions. ``--b-weight W`` tests A against W x B (the difference is A - W x B, e.g. a ratio target of 0.8); ``--pair-by-stem``
 pairs ids without their last dotted part (the world's ``<fact>.q<k>`` paraphrase with its ``<fact>.p<k>`` question).
 """
 
@@ -41,6 +43,24 @@ def read(path: Path, by_stem: bool = False) -> dict[str, dict[str, Any]]:
                         raise SystemExit(f"{path}:{line_no}: id stem {key!r} repeats: --pair-by-stem needs one per stem")
                 records[key] = record
     return records
+
+
+def read_runs(spec: str, by_stem: bool = False) -> dict[str, dict[str, Any]]:
+    """The records of one run, or of several (comma-separated) averaged per question over the runs."""
+    runs = [read(Path(p), by_stem) for p in spec.split(",") if p]
+    if len(runs) == 1:
+        return runs[0]
+    ids = set.intersection(*(set(r) for r in runs))
+    merged = {}
+    for i in ids:
+        record = dict(runs[0][i])
+        for k, v in runs[0][i].items():
+            if k != "id" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                values = [r[i].get(k) for r in runs]
+                values = [float(x) for x in values if x is not None]
+                record[k] = sum(values) / len(values) if values else None
+        merged[i] = record
+    return merged
 
 
 def paired(a: dict[str, dict], b: dict[str, dict], metric: str, b_weight: float = 1.0) -> dict[str, float] | None:
@@ -85,15 +105,15 @@ def field(record: dict, name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("a", type=Path)
-    parser.add_argument("b", type=Path)
+    parser.add_argument("a", help="a prediction file, or several runs (seeds) of one recipe joined by commas")
+    parser.add_argument("b", help="the same for B")
     parser.add_argument("--metrics", nargs="+", default=None, help="default: every numeric per-question metric")
     parser.add_argument("--group-by", default=None, help="also split A's and B's means by this record field")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here too")
     parser.add_argument("--b-weight", type=float, default=1.0, help="compare A with this multiple of B")
     parser.add_argument("--pair-by-stem", action="store_true", help="pair ids without their last dotted part")
     args = parser.parse_args(argv)
-    a, b = read(args.a, args.pair_by_stem), read(args.b, args.pair_by_stem)
+    a, b = read_runs(args.a, args.pair_by_stem), read_runs(args.b, args.pair_by_stem)
     common = a.keys() & b.keys()
     if not common:
         print(f"no question ids in common between {args.a} and {args.b}", file=sys.stderr)

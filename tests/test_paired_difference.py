@@ -76,3 +76,20 @@ def test_a_weighted_difference_paired_by_id_stem(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(dup), str(test), "--pair-by-stem"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "dup.jsonl:2" in proc.stderr and "repeats" in proc.stderr
+
+
+def test_runs_joined_by_commas_are_averaged_per_question_before_pairing(tmp_path):
+    """Two seeds of A: per-question EM (1+0)/2, (1+1)/2, (0+0)/2 = 0.5, 1, 0 against B's 0, 0, 0."""
+    a1 = _write(tmp_path / "a1.jsonl", [{"id": "q1", "em": 1.0}, {"id": "q2", "em": 1.0}, {"id": "q3", "em": 0.0}])
+    a2 = _write(tmp_path / "a2.jsonl", [
+        {"id": "q1", "em": 0.0}, {"id": "q2", "em": 1.0}, {"id": "q3", "em": 0.0}, {"id": "only-a2", "em": 1.0},
+    ])  # fmt: skip
+    b = _write(tmp_path / "b.jsonl", [{"id": f"q{i}", "em": 0.0} for i in (1, 2, 3)])
+    out = tmp_path / "out.json"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), f"{a1},{a2}", str(b), "--metrics", "em", "--json", str(out)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    em = json.loads(out.read_text())["metrics"]["em"]  # differences 0.5, 1, 0: mean 0.5, sd 0.5, se 0.5/sqrt(3)
+    assert em["n"] == 3 and abs(em["a"] - 0.5) < 1e-9 and abs(em["diff"] - 0.5) < 1e-9
+    assert abs(em["se"] - 0.5 / 3**0.5) < 1e-9
