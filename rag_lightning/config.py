@@ -213,6 +213,8 @@ class GeneratorConfig:
     copy_continuation_bigram: bool = False  # with copy: the same on the last two tokens emitted
     question_match: bool = False  # with copy: DrQA's exact-match feature between question and passage
     question_match_unique: bool = False  # with question_match: a mark for a token that occurs once
+    # with question_match_unique: each token's distance (1..D, 0 = off) after and before the nearest such match
+    question_match_distance: int = 0
     # with copy: the question encoder's vector of the question, projected onto the generator encoder's first
     # position, so the reader sees what the pretrained encoder understood of a paraphrase (docs/paraphrase.md)
     question_view: bool = False
@@ -227,6 +229,13 @@ class GeneratorConfig:
                 raise ConfigError(f"{prefix}.{key}=true needs {prefix}.copy=true")
         if self.question_match_unique and not self.question_match:
             raise ConfigError(f"{prefix}.question_match_unique=true needs {prefix}.question_match=true")
+        if self.question_match_distance < 0:
+            raise ConfigError(f"{prefix}.question_match_distance must be >= 0 (0: off), got {self.question_match_distance}")
+        if self.question_match_distance and not self.question_match_unique:
+            raise ConfigError(
+                f"{prefix}.question_match_distance={self.question_match_distance} counts from the unique "
+                f"matches: it needs {prefix}.question_match_unique=true"
+            )
         if self.kind in ("pretrained", "rag") and not self.name_or_path:
             raise ConfigError(
                 f"{prefix}.name_or_path is required for kind={self.kind}. Fix: pass {prefix}.name_or_path=<a hub "

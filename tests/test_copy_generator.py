@@ -10,6 +10,7 @@ from rag_lightning.models.copy_generator import (
     bigram_continuation_feature,
     continuation_feature,
     copy_mixture_log_probs,
+    match_distance_feature,
     question_match_feature,
 )
 
@@ -21,8 +22,10 @@ def _model(
     unique: bool = False,
     bigram: bool = False,
     view: int | None = None,
+    distance: int = 0,
 ) -> CopyBartForConditionalGeneration:
     cfg = BartConfig(
+        question_match_distance=distance,
         question_view_dim=view,
         copy_continuation=continuation,
         copy_continuation_bigram=bigram,
@@ -166,10 +169,14 @@ def test_generate_with_and_without_cache_agree(continuation):
 @pytest.mark.parametrize(("continuation", "match", "unique"), [(False, False, False), (True, True, False),
                                                              (True, True, True)])
 def test_save_and_load_round_trip(tmp_path, continuation, match, unique):
-    model = _model(continuation=continuation, match=match, unique=unique, bigram=unique)
+    model = _model(continuation=continuation, match=match, unique=unique, bigram=unique, distance=3 if unique else 0)
     model.save_pretrained(tmp_path)
     again = CopyBartForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert getattr(again.config, "question_match_unique", False) == unique
+    if unique:
+        assert torch.equal(again.match_after.weight, model.match_after.weight)
+    else:
+        assert again.match_after is None
     assert (again.copy_continue_bigram is not None) == unique
     dec = torch.tensor([[2, 5], [2, 9]])
     a = model(input_ids=SOURCE, attention_mask=MASK, decoder_input_ids=dec).logits
@@ -371,3 +378,49 @@ def test_question_view_needs_copy_and_retrieval():
         section(GeneratorConfig, node, "model.generator")
     with pytest.raises(ConfigError, match="mode=closed_book has none"):
         section(ModelConfig, {"mode": "closed_book", "generator": {**node, "copy": True}}, "model")
+
+
+def test_match_distance_counts_from_the_unique_matches_on_each_side():
+    # <s> q: 10 11 12 // passage: 13 11 14 15 16 10 17 </s>: 10 and 11 occur once on each side (level 2)
+    ids = torch.tensor([[0, 10, 11, 12, 7, 8, 13, 11, 14, 15, 16, 10, 17, 2]])
+    match, start = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2], mark_unique=True, separator_start=True)
+    assert match[0].tolist() == [0, 2, 2, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0] and start.tolist() == [4]
+    after, before = match_distance_feature(match, start, separator_length=2, limit=3)
+    # after: steps since the last unique match on the token's own side. The question's 11 does not reach the
+    # passage (13 and the passage's 11 get 0), the separator gets 0, 10 stands 4 > 3 after the passage's 11
+    assert after[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 1, 2, 3, 0, 1, 2]
+    # before: steps to the next unique match on the token's own side
+    assert before[0].tolist() == [1, 1, 0, 0, 0, 0, 1, 0, 3, 2, 1, 0, 0, 0]
+
+
+def test_match_distance_embeddings_move_only_tokens_near_a_unique_match():
+    model = _model(seed=5, match=True, unique=True, distance=2)
+    assert model.match_after.num_embeddings == 3 and model.match_before.num_embeddings == 3
+    # <s> q: 10 11 // passage: 20 21 11 22 23 24 </s>: only 11 matches (once on each side)
+    ids = torch.tensor([[0, 10, 11, 7, 8, 20, 21, 11, 22, 23, 24, 2]])
+    encoder = model.get_encoder()
+    seen = []
+    hook = encoder.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.match_after.weight.zero_()
+            model.match_before.weight.zero_()
+            encoder(input_ids=ids)
+            model.match_after.weight[1] = 1.0  # one step after a unique match
+            model.match_before.weight[2] = 10.0  # two steps before one
+            encoder(input_ids=ids)
+    finally:
+        hook.remove()
+    moved = (seen[1] - seen[0])[0, :, 0].tolist()
+    # 22 is one step after the passage's 11; 20 two before it; <s> two before the question's 11
+    assert moved == pytest.approx([10.0, 0, 0, 0, 0, 10.0, 0, 0, 1.0, 0, 0, 0])
+
+
+def test_match_distance_needs_the_unique_mark(tmp_path):
+    node = {"kind": "random", "tokenizer": "tok", "copy": True, "question_match": True, "question_match_distance": 4}
+    with pytest.raises(ConfigError, match="question_match_distance=4 counts from the unique matches"):
+        section(GeneratorConfig, node, "model.generator")
+    with pytest.raises(ConfigError, match="question_match_distance must be >= 0"):
+        section(GeneratorConfig, {**node, "question_match_unique": True, "question_match_distance": -1}, "model.generator")

@@ -172,13 +172,14 @@ def test_main_job_reading_features_train_and_reload(tmp_path, tiny_train_config)
         "model.generator.copy_continuation_bigram=true", "model.generator.question_match=true",
         "model.generator.question_match_unique=true", "model.gold_passage_steps=100",
         "model.question_encoder_warmup_steps=0", "model.question_encoder_trainable_layers=1",
-        "model.generator.question_view=true",
+        "model.generator.question_view=true", "model.generator.question_match_distance=4",
     )
     results = train(cfg)
     assert "test/em" in results
     generator = CopyBartForConditionalGeneration.from_pretrained(tmp_path / "run" / "checkpoints" / "hf" / "generator")
     assert generator.copy_continue is not None and generator.copy_continue_bigram is not None
     assert generator.match_embedding.num_embeddings == 3
+    assert generator.match_after.num_embeddings == generator.match_before.num_embeddings == 5
     assert generator.question_view.in_features == generator.config.question_view_dim
 
 

@@ -23,6 +23,12 @@ word the question uses, a question word the passage uses.  This is DrQA's exact-
 model trained from scratch where in the passage the question's subject and relation are named, which it
 otherwise has to discover through attention alone. ``config.question_match_unique`` also tells apart a
 matching token that occurs once on its side from one that repeats (see ``question_match_feature``).
+``config.question_match_distance`` (D > 0, with the unique mark) also tells each token how far it stands after,
+and how far before, the nearest such once-occurring match on its side (1..D; further or none: 0), a learned
+embedding for each.  In "The currency of Taiwan is the New Taiwan Dollar" the answer starts a few tokens after
+the relation word the question names; the distance says so for any country, so the pointer can learn where the
+answer stands instead of which answers it saw for which country (the shortcut a model trained from scratch
+takes for entities it was trained on, and which fails for held-out ones).
 
 With ``config.question_view_dim`` (the question encoder's width) the encoder also takes ``question_view``
 (N, question_view_dim), one vector per context: the retriever's vector of the question, projected and added
@@ -74,14 +80,20 @@ def previous_tokens(decoder_input_ids: torch.Tensor, history: torch.Tensor | Non
 
 
 def question_match_feature(
-    input_ids: torch.Tensor, separator: list[int], special_ids: list[int], *, mark_unique: bool = False
-) -> torch.Tensor:
+    input_ids: torch.Tensor,
+    separator: list[int],
+    special_ids: list[int],
+    *,
+    mark_unique: bool = False,
+    separator_start: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
 
     With ``mark_unique`` a matching token that occurs only once on its own side gets 2 instead (DrQA's
     term-frequency feature, reduced to what matters here): in a passage that names its subject eight
     times, the one matching word that occurs once is the relation the question asks about.
-    Rows without the separator get all zeros; special tokens and the separator itself never match."""
+    Rows without the separator get all zeros; special tokens and the separator itself never match.
+    With ``separator_start`` also returns (N,) the first separator's position (S where there is none)."""
     n, s = input_ids.shape
     m = len(separator)
     found = torch.ones(n, s - m + 1, dtype=torch.bool, device=input_ids.device)
@@ -99,12 +111,45 @@ def question_match_feature(
     in_after = (same & (after & ordinary)[:, None, :]).any(dim=-1)
     in_before = (same & (before & ordinary)[:, None, :]).any(dim=-1)
     match = ((before & in_after) | (after & in_before)) & ordinary
-    if not mark_unique:
-        return match.long()
-    count_before = (same & before[:, None, :]).sum(dim=-1)
-    count_after = (same & after[:, None, :]).sum(dim=-1)
-    count = torch.where(before, count_before, count_after)  # occurrences on the token's own side
-    return match.long() * (1 + (count == 1).long())
+    if mark_unique:
+        count_before = (same & before[:, None, :]).sum(dim=-1)
+        count_after = (same & after[:, None, :]).sum(dim=-1)
+        count = torch.where(before, count_before, count_after)  # occurrences on the token's own side
+        marks = match.long() * (1 + (count == 1).long())
+    else:
+        marks = match.long()
+    return (marks, first) if separator_start else marks
+
+
+def match_distance_feature(
+    match: torch.Tensor, separator_start: torch.Tensor, separator_length: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each token stands after and before the nearest once-occurring match (level 2) on its side.
+
+    match (N, S) from ``question_match_feature(..., mark_unique=True)``; separator_start (N,) the first
+    separator's position (S where there is none) and separator_length its tokens: they split the two sides.
+    Returns two (N, S) long tensors, ``after`` and ``before``: the distance 1..limit to the nearest level-2
+    token before (after) the token on its own side, 0 where there is none within ``limit``; a level-2 token
+    counts only the others, and the separator's own tokens get 0."""
+    n, s = match.shape
+    positions = torch.arange(s, device=match.device)[None, :].expand(n, s)
+    start = separator_start[:, None]
+    side = (positions >= start).long() + (positions >= start + separator_length).long()  # 0 q, 1 sep, 2 passage
+
+    def since_last(marks: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        # the position of the last mark strictly before each token (-1: none), then the distance to it
+        seen = torch.where(marks, positions, torch.full_like(positions, -1))
+        last = torch.cummax(seen, dim=1).values
+        last = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+        distance = positions - last
+        same_side = side.gather(1, last.clamp_min(0)) == side
+        ok = (last >= 0) & same_side & (side != 1) & (distance <= limit)
+        return torch.where(ok, distance, torch.zeros_like(distance))
+
+    unique = match == 2
+    after = since_last(unique, side)
+    before = since_last(unique.flip(1), side.flip(1)).flip(1)
+    return after, before
 
 
 def copy_mixture_log_probs(
@@ -135,10 +180,12 @@ class _EncoderWithIds(nn.Module):
         match_embedding: nn.Embedding | None,
         config: BartConfig,
         view_projection: nn.Linear | None = None,
+        distance_embeddings: tuple[nn.Embedding, nn.Embedding] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.match_embedding = match_embedding
+        self.distance_embeddings = distance_embeddings
         self.view_projection = view_projection
         self.separator = list(getattr(config, "question_match_separator", None) or [])
         self.mark_unique = bool(getattr(config, "question_match_unique", False))
@@ -155,8 +202,16 @@ class _EncoderWithIds(nn.Module):
         if self.match_embedding is not None or question_view is not None:
             embeds = self.encoder.embed_tokens(input_ids)
             if self.match_embedding is not None:
-                match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
+                match, start = question_match_feature(
+                    input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique, separator_start=True
+                )
                 embeds = embeds + self.match_embedding(match)
+                if self.distance_embeddings is not None:
+                    after_table, before_table = self.distance_embeddings
+                    after, before = match_distance_feature(
+                        match, start, len(self.separator), after_table.num_embeddings - 1
+                    )
+                    embeds = embeds + after_table(after) + before_table(before)
             if question_view is not None:
                 first = torch.zeros_like(embeds)
                 first[:, 0] = self.view_projection(question_view.to(embeds.dtype))
@@ -183,6 +238,11 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         separator = getattr(config, "question_match_separator", None)
         levels = 3 if getattr(config, "question_match_unique", False) else 2
         self.match_embedding = nn.Embedding(levels, d) if separator else None
+        distance = int(getattr(config, "question_match_distance", 0) or 0)
+        if distance and not (separator and levels == 3):
+            raise ValueError("question_match_distance needs question_match_separator and question_match_unique")
+        self.match_after = nn.Embedding(distance + 1, d) if distance else None
+        self.match_before = nn.Embedding(distance + 1, d) if distance else None
         view_dim = getattr(config, "question_view_dim", None)
         self.question_view = nn.Linear(view_dim, d) if view_dim else None
         self.post_init()
@@ -196,7 +256,8 @@ class CopyBartForConditionalGeneration(BartForConditionalGeneration):
         return inputs
 
     def get_encoder(self, *args, **kwargs) -> nn.Module:
-        return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config, self.question_view)
+        distance = (self.match_after, self.match_before) if self.match_after is not None else None
+        return _EncoderWithIds(self.model.encoder, self.match_embedding, self.config, self.question_view, distance)
 
     def _split(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if states.shape[-1] != self.config.d_model + 1:

@@ -48,6 +48,8 @@ def build_generator(
         extra["question_match_separator"] = piece_ids(tokenizer, SEPARATOR)
         if cfg.question_match_unique:
             extra["question_match_unique"] = True
+        if cfg.question_match_distance:
+            extra["question_match_distance"] = int(cfg.question_match_distance)
     if cfg.question_view:
         if not question_dim:
             raise ValueError("model.generator.question_view needs the question encoder's width (question_dim)")
