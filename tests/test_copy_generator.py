@@ -40,6 +40,25 @@ def _model(
     return CopyBartForConditionalGeneration(cfg).eval()
 
 
+def _encode_after(model, ids, *setups) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each setup (a change of the model's weights, applied in turn), the token embeddings the BART
+    encoder was given and the states the copy encoder returned."""
+    encoder = model.get_encoder()
+    seen = []
+    hook = encoder.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
+    outputs = []
+    try:
+        with torch.no_grad():
+            for setup in setups:
+                setup()
+                outputs.append(encoder(input_ids=ids).last_hidden_state)
+    finally:
+        hook.remove()
+    return list(zip(seen, outputs, strict=True))
+
+
 SOURCE = torch.tensor([[0, 5, 6, 7, 2, 1], [0, 9, 9, 30, 11, 2]])
 MASK = (SOURCE != 1).long()
 
@@ -115,21 +134,15 @@ def test_question_match_embedding_changes_only_matching_inputs():
     model = _model(seed=4, match=True)
     ids = torch.tensor([[0, 10, 11, 7, 8, 11, 12, 2]])
     encoder = model.get_encoder()
-    seen = []
-    hook = encoder.encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+
+    def level_one_ones() -> None:
+        model.match_embedding.weight[1] = 1.0
+
+    (base_inputs, base), (marked_inputs, marked) = _encode_after(
+        model, ids, model.match_embedding.weight.zero_, level_one_ones
     )
-    try:
-        with torch.no_grad():
-            model.match_embedding.weight.zero_()
-            base = encoder(input_ids=ids).last_hidden_state
-            model.match_embedding.weight[1] = 1.0
-            marked = encoder(input_ids=ids).last_hidden_state
-    finally:
-        hook.remove()
     with torch.no_grad():
         plain = encoder.encoder(input_ids=ids).last_hidden_state  # BART's own encoder on the ids
-    base_inputs, marked_inputs = seen[0], seen[1]
     assert torch.equal(base_inputs, encoder.encoder.embed_tokens(ids))  # level 0 adds nothing
     moved = (marked_inputs - base_inputs).abs().sum(-1)[0].nonzero().flatten().tolist()
     assert moved == [2, 5]  # question 11 and passage 11; not 10, 12, the separator or special tokens
@@ -398,22 +411,17 @@ def test_match_distance_embeddings_move_only_tokens_near_a_unique_match():
     assert model.match_after.num_embeddings == 3 and model.match_before.num_embeddings == 3
     # <s> q: 10 11 // passage: 20 21 11 22 23 24 </s>: only 11 matches (once on each side)
     ids = torch.tensor([[0, 10, 11, 7, 8, 20, 21, 11, 22, 23, 24, 2]])
-    encoder = model.get_encoder()
-    seen = []
-    hook = encoder.encoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model.match_after.weight.zero_()
-            model.match_before.weight.zero_()
-            encoder(input_ids=ids)
-            model.match_after.weight[1] = 1.0  # one step after a unique match
-            model.match_before.weight[2] = 10.0  # two steps before one
-            encoder(input_ids=ids)
-    finally:
-        hook.remove()
-    moved = (seen[1] - seen[0])[0, :, 0].tolist()
+
+    def zero() -> None:
+        model.match_after.weight.zero_()
+        model.match_before.weight.zero_()
+
+    def mark() -> None:
+        model.match_after.weight[1] = 1.0  # one step after a unique match
+        model.match_before.weight[2] = 10.0  # two steps before one
+
+    (before_inputs, _), (after_inputs, _) = _encode_after(model, ids, zero, mark)
+    moved = (after_inputs - before_inputs)[0, :, 0].tolist()
     # 22 is one step after the passage's 11; 20 two before it; <s> two before the question's 11
     assert moved == pytest.approx([10.0, 0, 0, 0, 0, 10.0, 0, 0, 1.0, 0, 0, 0])
 
