@@ -54,11 +54,9 @@ def read_runs(spec: str, by_stem: bool = False) -> dict[str, dict[str, Any]]:
     merged = {}
     for i in ids:
         record = dict(runs[0][i])
-        for k, v in runs[0][i].items():
-            if k != "id" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                values = [r[i].get(k) for r in runs]
-                values = [float(x) for x in values if x is not None]
-                record[k] = sum(values) / len(values) if values else None
+        for k in numeric_fields([r[i] for r in runs]):  # a metric null in the first run still counts
+            values = [float(r[i][k]) for r in runs if r[i].get(k) is not None]
+            record[k] = sum(values) / len(values)
         merged[i] = record
     return merged
 

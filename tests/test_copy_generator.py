@@ -12,6 +12,7 @@ from rag_lightning.models.copy_generator import (
     copy_mixture_log_probs,
     match_distance_feature,
     question_match_feature,
+    separator_start,
 )
 
 
@@ -396,7 +397,8 @@ def test_question_view_needs_copy_and_retrieval():
 def test_match_distance_counts_from_the_unique_matches_on_each_side():
     # <s> q: 10 11 12 // passage: 13 11 14 15 16 10 17 </s>: 10 and 11 occur once on each side (level 2)
     ids = torch.tensor([[0, 10, 11, 12, 7, 8, 13, 11, 14, 15, 16, 10, 17, 2]])
-    match, start = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2], mark_unique=True, separator_start=True)
+    match = question_match_feature(ids, [7, 8], special_ids=[0, 1, 2], mark_unique=True)
+    start = separator_start(ids, [7, 8])
     assert match[0].tolist() == [0, 2, 2, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0] and start.tolist() == [4]
     after, before = match_distance_feature(match, start, separator_length=2, limit=3)
     # after: steps since the last unique match on the token's own side. The question's 11 does not reach the

@@ -93,3 +93,18 @@ def test_runs_joined_by_commas_are_averaged_per_question_before_pairing(tmp_path
     em = json.loads(out.read_text())["metrics"]["em"]  # differences 0.5, 1, 0: mean 0.5, sd 0.5, se 0.5/sqrt(3)
     assert em["n"] == 3 and abs(em["a"] - 0.5) < 1e-9 and abs(em["diff"] - 0.5) < 1e-9
     assert abs(em["se"] - 0.5 / 3**0.5) < 1e-9
+
+
+def test_a_metric_null_in_the_first_run_is_averaged_over_the_runs_that_have_it(tmp_path):
+    a1 = _write(tmp_path / "a1.jsonl", [{"id": "q1", "em": 1.0, "factuality": None},
+                                        {"id": "q2", "em": 0.0, "factuality": 0.5}])  # fmt: skip
+    a2 = _write(tmp_path / "a2.jsonl", [{"id": "q1", "em": 0.0, "factuality": 1.0},
+                                        {"id": "q2", "em": 0.0, "factuality": 0.5}])  # fmt: skip
+    b = _write(tmp_path / "b.jsonl", [{"id": f"q{i}", "em": 0.0, "factuality": 0.0} for i in (1, 2)])
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(SCRIPT), f"{a1},{a2}", str(b), "--json", str(out)], check=True,
+                   capture_output=True)  # fmt: skip
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["em"]["a"] == 0.25  # q1 (1 + 0) / 2, q2 0
+    fact = metrics["factuality"]  # q1: a2's 1.0 alone (a1's is null), q2: 0.5; against 0 and 0
+    assert fact["n"] == 2 and abs(fact["diff"] - 0.75) < 1e-9

@@ -79,31 +79,31 @@ def previous_tokens(decoder_input_ids: torch.Tensor, history: torch.Tensor | Non
     return torch.cat([before, decoder_input_ids[:, :-1]], dim=1)
 
 
-def question_match_feature(
-    input_ids: torch.Tensor,
-    separator: list[int],
-    special_ids: list[int],
-    *,
-    mark_unique: bool = False,
-    separator_start: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
-
-    With ``mark_unique`` a matching token that occurs only once on its own side gets 2 instead (DrQA's
-    term-frequency feature, reduced to what matters here): in a passage that names its subject eight
-    times, the one matching word that occurs once is the relation the question asks about.
-    Rows without the separator get all zeros; special tokens and the separator itself never match.
-    With ``separator_start`` also returns (N,) the first separator's position (S where there is none)."""
+def separator_start(input_ids: torch.Tensor, separator: list[int]) -> torch.Tensor:
+    """(N,) the position of the first ``separator`` in each row, S where there is none."""
     n, s = input_ids.shape
     m = len(separator)
     found = torch.ones(n, s - m + 1, dtype=torch.bool, device=input_ids.device)
     for j, token in enumerate(separator):
         found &= input_ids[:, j : s - m + 1 + j] == token
     has = found.any(dim=1)
-    first = torch.where(has, found.float().argmax(dim=1), torch.full_like(has, s, dtype=torch.long))
+    return torch.where(has, found.float().argmax(dim=1), torch.full_like(has, s, dtype=torch.long))
+
+
+def question_match_feature(
+    input_ids: torch.Tensor, separator: list[int], special_ids: list[int], *, mark_unique: bool = False
+) -> torch.Tensor:
+    """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
+
+    With ``mark_unique`` a matching token that occurs only once on its own side gets 2 instead (DrQA's
+    term-frequency feature, reduced to what matters here): in a passage that names its subject eight
+    times, the one matching word that occurs once is the relation the question asks about.
+    Rows without the separator get all zeros; special tokens and the separator itself never match."""
+    s, m = input_ids.shape[1], len(separator)
+    first = separator_start(input_ids, separator)
     positions = torch.arange(s, device=input_ids.device)[None, :]
     before = positions < first[:, None]
-    after = (positions >= first[:, None] + m) & has[:, None]
+    after = positions >= first[:, None] + m  # rows without the separator: first = S, nothing after
     ordinary = torch.ones_like(input_ids, dtype=torch.bool)
     for token in special_ids:
         ordinary &= input_ids != token
@@ -111,29 +111,27 @@ def question_match_feature(
     in_after = (same & (after & ordinary)[:, None, :]).any(dim=-1)
     in_before = (same & (before & ordinary)[:, None, :]).any(dim=-1)
     match = ((before & in_after) | (after & in_before)) & ordinary
-    if mark_unique:
-        count_before = (same & before[:, None, :]).sum(dim=-1)
-        count_after = (same & after[:, None, :]).sum(dim=-1)
-        count = torch.where(before, count_before, count_after)  # occurrences on the token's own side
-        marks = match.long() * (1 + (count == 1).long())
-    else:
-        marks = match.long()
-    return (marks, first) if separator_start else marks
+    if not mark_unique:
+        return match.long()
+    count_before = (same & before[:, None, :]).sum(dim=-1)
+    count_after = (same & after[:, None, :]).sum(dim=-1)
+    count = torch.where(before, count_before, count_after)  # occurrences on the token's own side
+    return match.long() * (1 + (count == 1).long())
 
 
 def match_distance_feature(
-    match: torch.Tensor, separator_start: torch.Tensor, separator_length: int, limit: int
+    match: torch.Tensor, start: torch.Tensor, separator_length: int, limit: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How far each token stands after and before the nearest once-occurring match (level 2) on its side.
 
-    match (N, S) from ``question_match_feature(..., mark_unique=True)``; separator_start (N,) the first
-    separator's position (S where there is none) and separator_length its tokens: they split the two sides.
+    match (N, S) from ``question_match_feature(..., mark_unique=True)``; start (N,) from ``separator_start``
+    and separator_length the separator's tokens: they split the two sides.
     Returns two (N, S) long tensors, ``after`` and ``before``: the distance 1..limit to the nearest level-2
     token before (after) the token on its own side, 0 where there is none within ``limit``; a level-2 token
     counts only the others, and the separator's own tokens get 0."""
     n, s = match.shape
     positions = torch.arange(s, device=match.device)[None, :].expand(n, s)
-    start = separator_start[:, None]
+    start = start[:, None]
     side = (positions >= start).long() + (positions >= start + separator_length).long()  # 0 q, 1 sep, 2 passage
 
     def since_last(marks: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
@@ -202,12 +200,11 @@ class _EncoderWithIds(nn.Module):
         if self.match_embedding is not None or question_view is not None:
             embeds = self.encoder.embed_tokens(input_ids)
             if self.match_embedding is not None:
-                match, start = question_match_feature(
-                    input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique, separator_start=True
-                )
+                match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
                 embeds = embeds + self.match_embedding(match)
                 if self.distance_embeddings is not None:
                     after_table, before_table = self.distance_embeddings
+                    start = separator_start(input_ids, self.separator)
                     after, before = match_distance_feature(
                         match, start, len(self.separator), after_table.num_embeddings - 1
                     )
