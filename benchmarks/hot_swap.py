@@ -18,16 +18,27 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rag_lightning.files import write_text_atomic
 from rag_lightning.metrics import exact_match, has_answer
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a missing file or a bad line stops with its name and line."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: {what}")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{number}: not JSON ({e.msg})") from None
+    return rows
 
 
 def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """New-answer and old-answer shares of one rag-eval run over the changed questions."""
-    rows = read_jsonl(eval_dir / "predictions.jsonl")
+    rows = read_jsonl(eval_dir / "predictions.jsonl", "give the directory of a finished rag-eval run")
     missing = [r["id"] for r in rows if r["id"] not in changed]
     if missing or len(rows) != len(changed):
         raise SystemExit(f"{eval_dir}: its questions are not the changed ones ({len(rows)} rows, e.g. {missing[:3]})")
@@ -58,15 +69,26 @@ def main() -> None:
     parser.add_argument("--data", default="outputs/cache/data/world_counterfactual", type=Path)
     parser.add_argument("--out", default=None, type=Path)
     args = parser.parse_args()
-    changed = {q["id"]: q for q in read_jsonl(args.data / "test_changed.jsonl")}
+    bad = [r for r in args.runs if "=" not in r or not r.split("=", 1)[0] or not r.split("=", 1)[1]]
+    if bad:
+        parser.error(f"{bad[0]!r}: give each run as NAME=EVAL_DIR, e.g. seed1=outputs/runs/eval/<date>_<time>")
+    changed = {q["id"]: q for q in read_jsonl(
+        args.data / "test_changed.jsonl", "run `rag-prepare data=world_counterfactual` or point --data at its directory")}
     result = {name: shares(Path(d), changed) for name, d in (r.split("=", 1) for r in args.runs)}
+    totals = {"questions": 0, "new": 0, "old": 0, "read_new_fact": 0}
     for name, r in result.items():
         a = r["by_relation"]["all"]
         print(f"{name:28s} {a['questions']} questions: new answer {a['new_share']:.3f}, old answer {a['old_share']:.3f}, "
               f"read a passage stating the new fact {a['read_new_fact'] / a['questions']:.3f}")
+        for key in totals:
+            totals[key] += a[key]
+    if len(result) > 1:  # several seeds of one recipe: their pooled share
+        n = totals["questions"]
+        print(f"{'pooled':28s} {n} answers: new answer {totals['new']} ({totals['new'] / n:.3f}), "
+              f"old answer {totals['old']} ({totals['old'] / n:.3f})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_text_atomic(args.out, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
