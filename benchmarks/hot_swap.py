@@ -63,6 +63,11 @@ def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def split_name(metrics: dict[str, Any]) -> str:
+    """The split a rag-eval run measured: the prefix of its metric names (``test_changed/em`` -> ``test_changed``)."""
+    return next((key.split("/", 1)[0] for key in metrics if "/" in key), "?")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="NAME=EVAL_DIR")
@@ -82,7 +87,10 @@ def main() -> None:
               f"read a passage stating the new fact {a['read_new_fact'] / a['questions']:.3f}")
         for key in totals:
             totals[key] += a[key]
-    if len(result) > 1:  # several seeds of one recipe: their pooled share
+    splits = sorted({split_name(r["metrics"]) for r in result.values()})
+    if len(result) > 1 and len(splits) > 1:
+        print(f"not pooled: the runs evaluated different splits ({', '.join(splits)})")
+    elif len(result) > 1:  # several seeds of one recipe on one index: their pooled share
         n = totals["questions"]
         print(f"{'pooled':28s} {n} answers: new answer {totals['new']} ({totals['new'] / n:.3f}), "
               f"old answer {totals['old']} ({totals['old'] / n:.3f})")

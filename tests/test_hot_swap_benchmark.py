@@ -21,14 +21,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def _eval_dir(root: Path, name: str, predictions: dict[str, str]) -> Path:
+def _eval_dir(root: Path, name: str, predictions: dict[str, str], split: str = "test_changed") -> Path:
     """A rag-eval directory whose q1 read the passage stating the new capital, q2 another passage."""
     passages = {"q1": [{"id": "svk-0", "text": "The capital of Slovakia is Košice."}],
                 "q2": [{"id": "est-1", "text": "Its internet country code top-level domain is .gs."}]}  # fmt: skip
     run = root / name
     _write_jsonl(run / "predictions.jsonl",
                  [{"id": q, "prediction": p, "passages": passages[q]} for q, p in predictions.items()])  # fmt: skip
-    (run / "metrics.json").write_text(json.dumps({"test_changed/em": 0.5}), encoding="utf-8")
+    (run / "metrics.json").write_text(json.dumps({f"{split}/em": 0.5}), encoding="utf-8")
     return run
 
 
@@ -51,6 +51,20 @@ def test_new_and_old_answers_are_counted_per_relation_and_pooled_over_runs(tmp_p
     assert result["seed1"]["by_relation"]["capital"]["new_share"] == 1.0
     assert result["seed2"]["by_relation"]["capital"]["old_share"] == 1.0
     assert "pooled" in proc.stdout and "new answer 2 (0.500), old answer 2 (0.500)" in proc.stdout
+
+
+def test_runs_of_different_splits_are_not_pooled(tmp_path):
+    """The swapped and the original index answer different questions' facts: one share over both would mean nothing."""
+    data = tmp_path / "world_counterfactual"
+    _write_jsonl(data / "test_changed.jsonl", CHANGED)
+    swapped = _eval_dir(tmp_path, "cf", {"q1": "Košice", "q2": ".ee"})
+    original = _eval_dir(tmp_path, "orig", {"q1": "Bratislava", "q2": ".sk"}, split="test_changed_original")
+    proc = _run(f"cf={swapped}", f"orig={original}", "--data", str(data))
+    assert proc.returncode == 0, proc.stderr
+    assert "pooled" not in proc.stdout.replace("not pooled", "")
+    assert (
+        "not pooled: the runs evaluated different splits (test_changed, test_changed_original)" in proc.stdout
+    )
 
 
 def test_missing_or_malformed_inputs_stop_with_the_path_and_the_fix(tmp_path):
