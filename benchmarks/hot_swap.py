@@ -7,7 +7,8 @@ Each EVAL_DIR is a `rag-eval` run directory over the questions whose answer the 
 (`test_changed.jsonl` on the swapped index, or `test_changed_original.jsonl` on the original one: the same
 questions in the same order). For each it counts, by relation and overall, the predictions that match the NEW
 answer (the counterfactual fact) and those that match the OLD one (the real world's), with the QA set's own
-exact-match normalisation, and how often a passage stating the new fact was read.
+exact-match normalisation, and how often a passage stating the new fact was read. Several runs of one split
+(seeds of a recipe) also get their pooled share; runs of different splits are not pooled.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]
     rows = read_jsonl(eval_dir / "predictions.jsonl", "give the directory of a finished rag-eval run")
     missing = [r["id"] for r in rows if r["id"] not in changed]
     if missing or len(rows) != len(changed):
-        raise SystemExit(f"{eval_dir}: its questions are not the changed ones ({len(rows)} rows, e.g. {missing[:3]})")
+        raise SystemExit(f"error: {eval_dir}: its questions are not the changed ones ({len(rows)} rows, e.g. {missing[:3]})")
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in rows:
         q = changed[r["id"]]
@@ -52,7 +53,10 @@ def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]
             c["old"] += int(exact_match(r["prediction"], q["old_answers"]))
             c["read_new_fact"] += int(any(has_answer(p["text"], q["answers"]) and p["id"] in q["gold_passage_ids"]
                                           for p in r.get("passages", [])))
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics_file = eval_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise SystemExit(f"error: {metrics_file} not found: give the directory of a finished rag-eval run")
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     return {
         "eval_dir": str(eval_dir),
         "metrics": metrics,

@@ -85,4 +85,8 @@ def test_missing_or_malformed_inputs_stop_with_the_path_and_the_fix(tmp_path):
     (bad / "predictions.jsonl").write_text('{"id": "q1"}\n{oops\n', encoding="utf-8")
     proc = _run(f"a={bad}", "--data", str(data))
     assert proc.returncode == 1 and "predictions.jsonl:2: not JSON" in proc.stderr
+    no_metrics = _eval_dir(tmp_path, "no_metrics", {"q1": "Košice", "q2": ".ee"})
+    (no_metrics / "metrics.json").unlink()
+    proc = _run(f"a={no_metrics}", "--data", str(data))
+    assert proc.returncode == 1 and "metrics.json not found" in proc.stderr
     assert "Traceback" not in proc.stderr
