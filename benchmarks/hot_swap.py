@@ -23,10 +23,15 @@ from rag_lightning.files import write_text_atomic
 from rag_lightning.metrics import exact_match, has_answer
 
 
-def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a missing file or a bad line stops with its name and line."""
+def require(path: Path, fix: str) -> Path:
+    """``path``, or a stop naming it and the fix when it is not there."""
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: {what}")
+        raise SystemExit(f"error: {path} not found: {fix}")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a bad line stops with its file:line."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
@@ -39,7 +44,8 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
 
 def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """New-answer and old-answer shares of one rag-eval run over the changed questions."""
-    rows = read_jsonl(eval_dir / "predictions.jsonl", "give the directory of a finished rag-eval run")
+    fix = "give the directory of a finished rag-eval run"
+    rows = read_jsonl(require(eval_dir / "predictions.jsonl", fix))
     missing = [r["id"] for r in rows if r["id"] not in changed]
     if missing or len(rows) != len(changed):
         raise SystemExit(f"error: {eval_dir}: its questions are not the changed ones ({len(rows)} rows, e.g. {missing[:3]})")
@@ -53,10 +59,7 @@ def shares(eval_dir: Path, changed: dict[str, dict[str, Any]]) -> dict[str, Any]
             c["old"] += int(exact_match(r["prediction"], q["old_answers"]))
             c["read_new_fact"] += int(any(has_answer(p["text"], q["answers"]) and p["id"] in q["gold_passage_ids"]
                                           for p in r.get("passages", [])))
-    metrics_file = eval_dir / "metrics.json"
-    if not metrics_file.is_file():
-        raise SystemExit(f"error: {metrics_file} not found: give the directory of a finished rag-eval run")
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    metrics = json.loads(require(eval_dir / "metrics.json", fix).read_text(encoding="utf-8"))
     return {
         "eval_dir": str(eval_dir),
         "metrics": metrics,
@@ -78,28 +81,25 @@ def main() -> None:
     parser.add_argument("--data", default="outputs/cache/data/world_counterfactual", type=Path)
     parser.add_argument("--out", default=None, type=Path)
     args = parser.parse_args()
-    bad = [r for r in args.runs if "=" not in r or not r.split("=", 1)[0] or not r.split("=", 1)[1]]
-    if bad:
-        parser.error(f"{bad[0]!r}: give each run as NAME=EVAL_DIR, e.g. seed1=outputs/runs/eval/<date>_<time>")
-    changed = {q["id"]: q for q in read_jsonl(
-        args.data / "test_changed.jsonl", "run `rag-prepare data=world_counterfactual` or point --data at its directory")}
-    result = {name: shares(Path(d), changed) for name, d in (r.split("=", 1) for r in args.runs)}
-    totals = {"questions": 0, "new": 0, "old": 0, "read_new_fact": 0}
+    runs = [r.partition("=") for r in args.runs]
+    for (name, eq, directory), given in zip(runs, args.runs, strict=True):
+        if not (name and eq and directory):
+            parser.error(f"{given!r}: give each run as NAME=EVAL_DIR, e.g. seed1=outputs/runs/eval/<date>_<time>")
+    questions = require(args.data / "test_changed.jsonl",
+                        "run `rag-prepare data=world_counterfactual` or point --data at its directory")
+    changed = {q["id"]: q for q in read_jsonl(questions)}
+    result = {name: shares(Path(directory), changed) for name, _, directory in runs}
     for name, r in result.items():
         a = r["by_relation"]["all"]
         print(f"{name:28s} {a['questions']} questions: new answer {a['new_share']:.3f}, old answer {a['old_share']:.3f}, "
               f"read a passage stating the new fact {a['read_new_fact'] / a['questions']:.3f}")
-        for key in totals:
-            totals[key] += a[key]
     splits = sorted({split_name(r["metrics"]) for r in result.values()})
     if len(result) > 1 and len(splits) > 1:
         print(f"not pooled: the runs evaluated different splits ({', '.join(splits)})")
     elif len(result) > 1:  # several seeds of one recipe on one index: their pooled share
-        n = totals["questions"]
-        print(f"{'pooled':28s} {n} answers: new answer {totals['new']} ({totals['new'] / n:.3f}), "
-              f"old answer {totals['old']} ({totals['old'] / n:.3f})")
+        n, new, old = (sum(r["by_relation"]["all"][k] for r in result.values()) for k in ("questions", "new", "old"))
+        print(f"{'pooled':28s} {n} answers: new answer {new} ({new / n:.3f}), old answer {old} ({old / n:.3f})")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 

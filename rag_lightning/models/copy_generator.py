@@ -91,16 +91,22 @@ def separator_start(input_ids: torch.Tensor, separator: list[int]) -> torch.Tens
 
 
 def question_match_feature(
-    input_ids: torch.Tensor, separator: list[int], special_ids: list[int], *, mark_unique: bool = False
+    input_ids: torch.Tensor,
+    separator: list[int],
+    special_ids: list[int],
+    *,
+    mark_unique: bool = False,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, S) long: 1 for a token whose id also occurs on the other side of the first ``separator``.
 
     With ``mark_unique`` a matching token that occurs only once on its own side gets 2 instead (DrQA's
     term-frequency feature, reduced to what matters here): in a passage that names its subject eight
     times, the one matching word that occurs once is the relation the question asks about.
-    Rows without the separator get all zeros; special tokens and the separator itself never match."""
+    Rows without the separator get all zeros; special tokens and the separator itself never match.
+    ``start``: ``separator_start(input_ids, separator)`` when the caller has it already."""
     s, m = input_ids.shape[1], len(separator)
-    first = separator_start(input_ids, separator)
+    first = separator_start(input_ids, separator) if start is None else start
     positions = torch.arange(s, device=input_ids.device)[None, :]
     before = positions < first[:, None]
     after = positions >= first[:, None] + m  # rows without the separator: first = S, nothing after
@@ -200,11 +206,13 @@ class _EncoderWithIds(nn.Module):
         if self.match_embedding is not None or question_view is not None:
             embeds = self.encoder.embed_tokens(input_ids)
             if self.match_embedding is not None:
-                match = question_match_feature(input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique)
+                start = separator_start(input_ids, self.separator)  # shared by both features
+                match = question_match_feature(
+                    input_ids, self.separator, self.special_ids, mark_unique=self.mark_unique, start=start
+                )
                 embeds = embeds + self.match_embedding(match)
                 if self.distance_embeddings is not None:
                     after_table, before_table = self.distance_embeddings
-                    start = separator_start(input_ids, self.separator)
                     after, before = match_distance_feature(
                         match, start, len(self.separator), after_table.num_embeddings - 1
                     )
