@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--bm25-ngram", type=int, default=1, help="index.bm25_ngram of the BM25 index")
     parser.add_argument("--bm25-min-word-chars", type=int, default=2, help="index.bm25_min_word_chars")
     parser.add_argument("--bm25-whole-numbers", action="store_true", help="index.bm25_whole_numbers=true")
+    parser.add_argument("--bm25-adjacent-pairs", action="store_true", help="index.bm25_adjacent_pairs=true")
     args = parser.parse_args()
 
     from rag_lightning.pipeline import load_trained, run_config
@@ -110,14 +111,15 @@ def main() -> None:
     module, datamodule = load_trained(run_cfg, args.ckpt, "outputs/bench_hybrid")
     retriever = module.retriever
     bm25 = retriever.hybrid.bm25
-    if args.bm25_ngram != 1 or args.bm25_min_word_chars != 2 or args.bm25_whole_numbers:  # another tokenisation: built in memory (seconds)
+    if args.bm25_ngram != 1 or args.bm25_min_word_chars != 2 or args.bm25_whole_numbers or args.bm25_adjacent_pairs:
+        # another tokenisation: built in memory (seconds)
         from dataclasses import replace
 
         from rag_lightning.pipeline import sections
         from rag_lightning.retrieval.bm25 import BM25Index
 
         cfg = replace(sections(run_cfg).index, bm25_ngram=args.bm25_ngram, bm25_min_word_chars=args.bm25_min_word_chars,
-                      bm25_whole_numbers=args.bm25_whole_numbers)
+                      bm25_whole_numbers=args.bm25_whole_numbers, bm25_adjacent_pairs=args.bm25_adjacent_pairs)
         bm25 = BM25Index.build(retriever.store, cfg)
     files = {"test": run_cfg.data.test_file, "val": run_cfg.data.val_file, "train": run_cfg.data.train_file,
              **run_cfg.data.extra_test_files}

@@ -424,6 +424,9 @@ class IndexConfig:
     # true: 55.845 and 9,733,276 are one token each, not 55 / 845 ..., so a question's "26" matches only passages
     # where 26 stands alone ("atomic number 26"), not every weight, population or area with 26 in it
     bm25_whole_numbers: bool = False
+    # true: pairs (bm25_ngram >= 2) only of words next to each other in the text; false: of the words left after
+    # stopword removal, so "city of X" and "city in X" both give the pair "city x"
+    bm25_adjacent_pairs: bool = False
     # hybrid (dense + BM25, retrieval/retriever.py; conf/index/hybrid.yaml): candidates = dense top-m + BM25
     # top-m, ranked by q.d + weight * BM25; weight and norm chosen on the world set's val split (docs/retrieval.md)
     hybrid: bool = False

@@ -784,7 +784,8 @@ def index(cfg: DictConfig) -> dict[str, str]:
 
         bm25 = describe(store.dir, bm25_dir(spec))
         described["hybrid"] = (f"dense + {bm25['index']} ngram={index_cfg.bm25_ngram} "
-                               f"min_word_chars={index_cfg.bm25_min_word_chars} whole_numbers={index_cfg.bm25_whole_numbers}, "
+                               f"min_word_chars={index_cfg.bm25_min_word_chars} whole_numbers={index_cfg.bm25_whole_numbers} "
+                               f"adjacent_pairs={index_cfg.bm25_adjacent_pairs}, "
                                f"weight {index_cfg.hybrid_bm25_weight} "
                                f"(norm {index_cfg.hybrid_bm25_norm}), {index_cfg.hybrid_candidates} candidates each")
         described["bm25 dir"] = bm25["index dir"]

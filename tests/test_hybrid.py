@@ -174,6 +174,33 @@ def test_whole_numbers_keep_a_weight_or_a_population_from_matching_a_bare_number
     assert whole.manifest["whole_numbers"] is True and "whole_numbers" not in split.manifest
 
 
+def test_adjacent_pairs_are_not_formed_across_a_stopword(tmp_path: Path, make_gen_tokenizer, ctx_tokenizer) -> None:
+    from rag_lightning.retrieval.bm25 import _tokenize
+
+    question = "What is the capital city of Kazakhstan?"
+    assert _tokenize([question], "en", ngram=2) == [
+        ["what", "capital", "city", "kazakhstan", "what capital", "capital city", "city kazakhstan"]]
+    # "is the" breaks "what capital", "of" breaks "city kazakhstan": only "capital city" stands in the text
+    assert _tokenize([question], "en", ngram=2, adjacent_pairs=True) == [
+        ["what", "capital", "city", "kazakhstan", "capital city"]]
+    assert _tokenize(["Tell me the element with atomic number 7 now"], "en", ngram=3, min_word_chars=1,
+                     adjacent_pairs=True) == [["tell", "me", "element", "atomic", "number", "7", "now", "tell me",
+                                              "atomic number", "number 7", "7 now", "atomic number 7", "number 7 now"]]
+    passages = [
+        Passage("kz", "Kazakhstan", "The capital of Kazakhstan is Astana. Kazakhstan has a population of 1."),
+        Passage("al", "Almaty", "Almaty is a city in Kazakhstan. It is the largest city of Kazakhstan."),
+        Passage("sh", "Shymkent", "Shymkent is a city in Kazakhstan. It is the 3rd largest city of Kazakhstan."),
+    ]
+    store = CorpusStore.build(passages, make_gen_tokenizer(tmp_path / "tok"), ctx_tokenizer(), tmp_path / "store")
+    across = BM25Index.build(store, IndexConfig(type="bm25", bm25_ngram=2))
+    adjacent = BM25Index.build(store, IndexConfig(type="bm25", bm25_ngram=2, bm25_adjacent_pairs=True))
+    assert across.search_texts([question], 1)[1][0, 0] == 1  # the city passages' "city in Kazakhstan" wins
+    assert adjacent.search_texts([question], 1)[1][0, 0] == 0  # the rarer word "capital" decides
+    assert adjacent.manifest["adjacent_pairs"] is True and "adjacent_pairs" not in across.manifest
+    # without pairs the key changes nothing, so it is left out of the manifest (no needless rebuild)
+    assert "adjacent_pairs" not in bm25_expectation(store, IndexConfig(type="bm25", bm25_adjacent_pairs=True))
+
+
 def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_parts(tiny_train_config,
                                                                                      tmp_path) -> None:
     from rag_lightning.pipeline import setup
@@ -184,7 +211,7 @@ def test_a_rag_run_with_index_hybrid_trains_the_question_encoder_through_both_pa
     assert s.index.type == "flat" and s.index.hybrid and module.retriever.hybrid is not None
     assert not module.retriever.sparse
     spec = RetrievalSpec(s.data, s.model.question_encoder, s.index, s.context, s.paths.cache_dir)
-    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25-ngram2-chars1-wholenum"
+    assert (bm25_dir(spec) / MANIFEST_FILE).is_file() and bm25_dir(spec).name == f"{s.data.name}-bm25-ngram2-chars1-wholenum-adjacent"
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
@@ -225,8 +252,9 @@ def test_rag_index_index_hybrid_builds_both_indexes_and_says_so(cli, tmp_path, t
     assert run.code == 0, run.output[-3000:]
     indexes = tmp_path / "cache" / "indexes"
     assert (indexes / "jsonl-tiny-flat" / "index_manifest.json").is_file()  # index=flat's own directory
-    manifest = json.loads((indexes / "jsonl-bm25-ngram2-chars1-wholenum" / MANIFEST_FILE).read_text())
+    manifest = json.loads((indexes / "jsonl-bm25-ngram2-chars1-wholenum-adjacent" / MANIFEST_FILE).read_text())
     assert manifest["ngram"] == 2 and manifest["min_word_chars"] == 1 and manifest["passages"] == 24
+    assert manifest["adjacent_pairs"] is True
     assert "dense + bm25" in run.out and "weight 7.0 (norm none), 20 candidates each" in run.out
 
 

@@ -16,7 +16,9 @@ of "atomic number 7") and ``index.bm25_ngram=2`` indexes each pair of neighbouri
 words too (after stopword removal), so "atomic number 18" matches the passage that says "number 18", not the
 passages that mention 18 elsewhere ("group 18"). ``index.bm25_whole_numbers=true`` keeps a number with inner
 separators as one token (an atomic weight 26.98, a population 1,526,000), so a question's bare 26 matches only
-passages where 26 stands alone. All three are build-time keys, recorded in the manifest only when
+passages where 26 stands alone. ``index.bm25_adjacent_pairs=true`` forms pairs only of words next to each other
+in the text: a stopword between two words breaks their pair, so "capital city of Kazakhstan" does not match "a
+city in Kazakhstan" through a pair "city kazakhstan" that neither text has. All four are build-time keys, recorded in the manifest only when
 they differ from bm25s' defaults (indexes built before they existed stay valid). Ranking ties go to the lower corpus row, so every search is deterministic.
 """
 
@@ -67,14 +69,37 @@ def token_pattern(min_word_chars: int = 2, whole_numbers: bool = False) -> str:
 
 
 def _tokenize(
-    texts: Sequence[str], stopwords: str | None, ngram: int = 1, min_word_chars: int = 2, whole_numbers: bool = False
+    texts: Sequence[str],
+    stopwords: str | None,
+    ngram: int = 1,
+    min_word_chars: int = 2,
+    whole_numbers: bool = False,
+    adjacent_pairs: bool = False,
 ) -> list[list[str]]:
     pattern = token_pattern(min_word_chars, whole_numbers)
     words = bm25s.tokenize(list(texts), stopwords=stopwords, token_pattern=pattern, return_ids=False,
                            show_progress=False)
     if ngram < 2:
         return words
-    return [w + [" ".join(w[i : i + n]) for n in range(2, ngram + 1) for i in range(len(w) - n + 1)] for w in words]
+    if not adjacent_pairs:  # n-grams of the words left after stopword removal
+        return [w + _ngrams([w], ngram) for w in words]
+    every = bm25s.tokenize(list(texts), stopwords=None, token_pattern=pattern, return_ids=False, show_progress=False)
+    return [kept + _ngrams(_runs(all_words, set(all_words) - set(kept)), ngram) for kept, all_words in zip(words, every)]
+
+
+def _runs(words: Sequence[str], stop: set[str]) -> list[list[str]]:
+    """The stretches of ``words`` between stopwords: only words next to each other in the text form n-grams."""
+    runs: list[list[str]] = [[]]
+    for word in words:
+        if word in stop:
+            runs.append([])
+        else:
+            runs[-1].append(word)
+    return runs
+
+
+def _ngrams(runs: Sequence[Sequence[str]], ngram: int) -> list[str]:
+    return [" ".join(r[i : i + n]) for n in range(2, ngram + 1) for r in runs for i in range(len(r) - n + 1)]
 
 
 def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
@@ -92,6 +117,7 @@ def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
         **({"ngram": int(cfg.bm25_ngram)} if cfg.bm25_ngram != 1 else {}),
         **({"min_word_chars": int(cfg.bm25_min_word_chars)} if cfg.bm25_min_word_chars != 2 else {}),
         **({"whole_numbers": True} if cfg.bm25_whole_numbers else {}),
+        **({"adjacent_pairs": True} if cfg.bm25_adjacent_pairs and cfg.bm25_ngram > 1 else {}),
     }
 
 
@@ -108,6 +134,7 @@ class BM25Index:
         self.ngram = int(self.manifest.get("ngram", 1))
         self.min_word_chars = int(self.manifest.get("min_word_chars", 2))
         self.whole_numbers = bool(self.manifest.get("whole_numbers", False))
+        self.adjacent_pairs = bool(self.manifest.get("adjacent_pairs", False))
 
     # ---- building -------------------------------------------------------------------------------
     @classmethod
@@ -115,7 +142,7 @@ class BM25Index:
         """Tokenise every passage of ``store`` (title + text) and index it with the ``index`` section's k1, b, method."""
         expect = bm25_expectation(store, cfg)
         tokens = _tokenize([passage_text(store, r) for r in range(len(store))], cfg.bm25_stopwords,
-                           cfg.bm25_ngram, cfg.bm25_min_word_chars, cfg.bm25_whole_numbers)
+                           cfg.bm25_ngram, cfg.bm25_min_word_chars, cfg.bm25_whole_numbers, cfg.bm25_adjacent_pairs)
         model = bm25s.BM25(k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method)
         model.index(tokens, show_progress=False)
         return cls(model, {**expect, "format_version": FORMAT_VERSION, "bm25s_version": bm25s.__version__})
@@ -184,7 +211,8 @@ class BM25Index:
     def scores(self, questions: Sequence[str]) -> np.ndarray:
         """BM25 scores (B, N) float32 of every passage for each question (0 for a question with no known word)."""
         out = np.zeros((len(questions), self._n), dtype=np.float32)
-        for i, tokens in enumerate(_tokenize(questions, self.stopwords, self.ngram, self.min_word_chars, self.whole_numbers)):
+        for i, tokens in enumerate(_tokenize(questions, self.stopwords, self.ngram, self.min_word_chars,
+                                                 self.whole_numbers, self.adjacent_pairs)):
             if tokens:
                 out[i] = self.model.get_scores(tokens)
         return out
