@@ -275,6 +275,9 @@ class DecodingConfig:
     # finish a word whose first pieces were copied from a passage the way the passage spells it
     # (models/word_completion.py); RAG modes only: a closed-book generator has no passage to copy from
     complete_copied_words: bool = False
+    # the answer's first token begins with a space, as every training target of a prefix-space tokenizer (the
+    # world's) does: no answer starts inside a passage's word ("šice" of Košice); RAG modes only
+    start_at_word: bool = False
     # > 0: no n-gram of this many tokens twice in one output (transformers' option; 0: off). A loop
     # ("is .ar is .ar is .ar") ends; a template sharing shorter n-grams between sentences does not
     no_repeat_ngram_size: int = 0
@@ -340,6 +343,9 @@ class ModelConfig:
         if self.generator.question_view and not self.retrieves:
             raise ConfigError(f"{prefix}.generator.question_view=true reads the retriever's question vector: "
                               f"mode=closed_book has none. Fix: {prefix}.generator.question_view=false")
+        if self.decoding.start_at_word and not self.retrieves:
+            raise ConfigError(f"{prefix}.decoding.start_at_word=true is a rule of the RAG decoders; mode=closed_book "
+                              f"decodes with transformers' generate. Fix: {prefix}.decoding.start_at_word=false")
         if self.decoding.complete_copied_words and not self.retrieves:
             raise ConfigError(f"{prefix}.decoding.complete_copied_words=true finishes words copied from passages: "
                               f"mode=closed_book reads none. Fix: {prefix}.decoding.complete_copied_words=false")

@@ -10,7 +10,7 @@ from rag_lightning.config import ConfigError, DecodingConfig, GeneratorConfig, M
 from rag_lightning.data.pieces import piece_ids
 from rag_lightning.models.decoding import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.module import RagModule
-from rag_lightning.models.word_completion import CopiedWordCompletion, WordPieces
+from rag_lightning.models.word_completion import AnswerStartsAtWord, CopiedWordCompletion, WordPieces
 
 # a hand vocabulary: 10-19 begin a word of letters, 20-29 continue one, the rest (numbers, punctuation) neither
 STARTS = tuple(10 <= i < 20 for i in range(VOCAB))
@@ -141,3 +141,45 @@ def test_closed_book_refuses_the_rule():
         check(Mode.closed_book)
     check(Mode.rag_token)
     check(Mode.rag_sequence)
+
+
+def test_the_first_answer_token_must_begin_with_a_space():
+    pieces = WordPieces(STARTS, CONTINUES, space_led=tuple(10 <= i < 20 or i == NUMBER for i in range(VOCAB)))
+    rule = AnswerStartsAtWord(pieces, (EOS, BOS))
+    logprobs = torch.zeros(3, VOCAB)
+    out = rule(logprobs, torch.tensor([[EOS, BOS], [EOS, BOS], [EOS, 10]]))
+    # the first answer token: space-led pieces, or the specials (BOS if not forced, EOS)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == sorted({BOS, EOS, *range(10, 20), NUMBER})
+    assert torch.equal(out[1], out[0])
+    assert torch.equal(out[2], logprobs[2])  # inside the answer: anything
+    assert rule(logprobs, torch.tensor([[EOS, 10]] * 3)) is logprobs
+
+
+@pytest.mark.parametrize("decode", ["token", "sequence"])
+def test_decoding_with_the_rule_never_starts_inside_a_word(decode):
+    """A generator biased to start with a continuation piece (20) starts with a space-led one instead."""
+    generator, ctx, mask, scores = planted()
+    with torch.no_grad():
+        generator.final_logits_bias[0, 20] += 8.0
+    pieces = WordPieces(STARTS, CONTINUES, space_led=STARTS)
+    common = dict(n_docs=3, num_beams=2, max_new_tokens=4, forced_bos_token_id=BOS)
+    generate = rag_token_generate if decode == "token" else rag_sequence_generate
+    plain = generate(generator, ctx, mask, scores, **common)
+    assert plain[:, 2].eq(20).all(), "without the rule this generator starts inside a word"
+    held = generate(generator, ctx, mask, scores, start_at_word=pieces, **common)
+    assert all(STARTS[t] or t == EOS for t in held[:, 2].tolist())
+
+
+def test_the_module_refuses_the_rule_for_a_tokenizer_without_prefix_space(make_gen_tokenizer, tmp_path):
+    tokenizer = make_gen_tokenizer(tmp_path)
+    pieces = WordPieces.from_tokenizer(tokenizer)
+    assert pieces.prefix_space and all(pieces.space_led[i] for i in piece_ids(tokenizer, "Paris 2,724")[:1])
+    config = ModelConfig(decoding=DecodingConfig(start_at_word=True))
+    module = RagModule(torch.nn.Linear(2, 2), tiny_generator(seed=0), config, generator_tokenizer=tokenizer)
+    assert module._answer_start().prefix_space
+    module._pieces = WordPieces(STARTS, CONTINUES, STARTS, prefix_space=False)
+    with pytest.raises(ConfigError, match=r"puts no space before a text.*Fix: model.decoding.start_at_word=false"):
+        module._answer_start()
+    with pytest.raises(ConfigError, match=r"start_at_word=true .* Fix: model.decoding.start_at_word=false"):
+        ModelConfig(mode=Mode.closed_book, decoding=DecodingConfig(start_at_word=True),
+                    generator=GeneratorConfig(tokenizer="tokenizer/")).check()

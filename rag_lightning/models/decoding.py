@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from rag_lightning.models.marginalize import sequence_nll_per_example, shift_targets
-from rag_lightning.models.word_completion import CopiedWordCompletion, WordPieces
+from rag_lightning.models.word_completion import AnswerStartsAtWord, CopiedWordCompletion, WordPieces
 
 FromConfig = Literal["config"]
 _NEG = -1.0e9  # transformers' "never pick this beam" offset; kept identical so ties break the same way
@@ -66,6 +66,7 @@ class _Processors:
     max_new_tokens: int
     no_repeat_ngram_size: int = 0
     complete_words: CopiedWordCompletion | None = None  # not a transformers processor: ours, off by default
+    start_at_word: AnswerStartsAtWord | None = None  # ours too, off by default
 
     def __call__(self, logprobs: Tensor, step: int, prefixes: Tensor | None = None) -> Tensor:
         """``step`` counts generated tokens so far (0 when choosing the first one); ``prefixes`` (R, t) are the
@@ -77,6 +78,8 @@ class _Processors:
             logprobs[:, self.eos_token_id] = -float("inf")
         if self.complete_words is not None and prefixes is not None:
             logprobs = self.complete_words(logprobs, prefixes)
+        if self.start_at_word is not None and prefixes is not None:
+            logprobs = self.start_at_word(logprobs, prefixes)
         if self.forced_bos_token_id is not None and step == 0:
             logprobs = _force(logprobs, self.forced_bos_token_id)
         if self.forced_eos_token_id is not None and step == self.max_new_tokens - 1:
@@ -418,6 +421,7 @@ def rag_token_generate(
     forced_bos_token_id: int | None | FromConfig = "config",
     forced_eos_token_id: int | None | FromConfig = "config",
     word_pieces: WordPieces | None = None,
+    start_at_word: WordPieces | None = None,
     question_view: Tensor | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
@@ -427,8 +431,8 @@ def rag_token_generate(
     too (BART sets ``forced_eos_token_id``) and ``None`` switches them off. ``no_repeat_ngram_size`` > 0 never
     repeats an n-gram of that size within a hypothesis (transformers' option of the same name).
     ``max_new_tokens`` counts the tokens after the decoder start (transformers' ``max_length`` is one more).
-    ``word_pieces`` switches on the rule that finishes a word copied from the passages
-    (models/word_completion.py); ``question_view`` (B*n_docs, d), the question vectors of a generator that
+    ``word_pieces`` switches on the rule that finishes a word copied from the passages, ``start_at_word`` the
+    rule that the answer's first token begins with a space (models/word_completion.py); ``question_view`` (B*n_docs, d), the question vectors of a generator that
     reads them (models/copy_generator.py). Returns (B*R, L) token ids, or a :class:`RagGenerationOutput` with their mixture log-likelihoods when ``return_scores``.
     """
     ids, processors = _setup(
@@ -442,6 +446,8 @@ def rag_token_generate(
         processors.complete_words = CopiedWordCompletion.from_contexts(
             context_input_ids, context_attention_mask, batch, word_pieces, num_beams
         )
+    if start_at_word is not None:
+        processors.start_at_word = AnswerStartsAtWord(start_at_word, (ids["start"], ids["bos"]))
     hidden = _encode(generator, context_input_ids, context_attention_mask, question_view)
     step = _mixture_step(generator, hidden, context_attention_mask, doc_scores.log_softmax(dim=-1), num_beams)
     hyps = _search(
@@ -480,6 +486,7 @@ def rag_sequence_generate(
     forced_eos_token_id: int | None | FromConfig = "config",
     score_batch_size: int | None = None,
     word_pieces: WordPieces | None = None,
+    start_at_word: WordPieces | None = None,
     question_view: Tensor | None = None,
     return_scores: bool = False,
 ) -> Tensor | RagGenerationOutput:
@@ -491,7 +498,8 @@ def rag_sequence_generate(
     (unprocessed, un-normalised) log-likelihood when passage z's beam produced y and 0 otherwise, so no pass
     beyond the beam search. As in transformers, a leading BOS is not scored (``exclude_bos_score``) and
     ``dedupe`` keeps the first copy of candidates several passages produced. ``word_pieces``: as in
-    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage;
+    :func:`rag_token_generate`, each passage's beams finishing words copied from that passage; ``start_at_word``
+    as there;
     ``no_repeat_ngram_size`` and ``question_view`` as there. Returns
     (B*R, L) token ids, best first, or a :class:`RagGenerationOutput` with the ranking log-scores when
     ``return_scores``.
@@ -511,6 +519,8 @@ def rag_sequence_generate(
         processors.complete_words = CopiedWordCompletion.from_contexts(
             context_input_ids, context_attention_mask, batch * n_docs, word_pieces, num_beams
         )
+    if start_at_word is not None:
+        processors.start_at_word = AnswerStartsAtWord(start_at_word, (ids["start"], ids["bos"]))
     hidden = _encode(generator, context_input_ids, context_attention_mask, question_view)
     no_mixing = torch.zeros(batch * n_docs, 1, device=device)
     step = _mixture_step(generator, hidden, context_attention_mask, no_mixing, num_beams)

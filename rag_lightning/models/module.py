@@ -375,6 +375,18 @@ class RagModule(L.LightningModule):
             self._pieces = WordPieces.from_tokenizer(self.tokenizer)
         return self._pieces
 
+    def _answer_start(self) -> WordPieces:
+        """The vocabulary's space-led pieces, for ``decoding.start_at_word``; refused for a tokenizer whose
+        targets do not all begin with one (no prefix space: BART's own)."""
+        pieces = self._word_pieces()
+        if not pieces.prefix_space:
+            raise ConfigError(
+                "model.decoding.start_at_word=true: the generator tokenizer puts no space before a text, so a "
+                "training answer may begin with a piece that has none and the rule would forbid it. "
+                "Fix: model.decoding.start_at_word=false (it is meant for prefix-space tokenizers like the world's)"
+            )
+        return pieces
+
     def generate(self, batch: dict, ret: dict | None) -> tuple[torch.Tensor, int]:
         """Answer token ids (B, L) with the mode's decoder."""
         dec = self.cfg.decoding
@@ -396,10 +408,11 @@ class RagModule(L.LightningModule):
         args = (self.generator, ret["context_input_ids"], ret["context_attention_mask"], ret["doc_scores"])
         n_docs = ret["doc_scores"].shape[1]
         pieces = self._word_pieces() if dec.complete_copied_words else None
+        start = self._answer_start() if dec.start_at_word else None
         if self.mode == Mode.rag_token:
             return rag_token_generate(
                 *args, n_docs=n_docs, num_beams=dec.num_beams, max_new_tokens=dec.max_new_tokens, word_pieces=pieces,
-                no_repeat_ngram_size=dec.no_repeat_ngram_size, **_view(ret),
+                start_at_word=start, no_repeat_ngram_size=dec.no_repeat_ngram_size, **_view(ret),
             )  # fmt: skip
         return rag_sequence_generate(
             *args,
@@ -409,6 +422,7 @@ class RagModule(L.LightningModule):
             num_beams=dec.num_beams,
             max_new_tokens=dec.max_new_tokens,
             word_pieces=pieces,
+            start_at_word=start,
             mode=dec.sequence_mode.value if hasattr(dec.sequence_mode, "value") else dec.sequence_mode,
         )
 

@@ -26,24 +26,29 @@ _MAX_WORD_PIECES = 16  # a longer run of letter pieces is not a word this rule s
 
 @dataclass(frozen=True)
 class WordPieces:
-    """Per vocabulary id: does the token begin a word of letters (``Ġ`` + letters, or a bare ``Ġ``), or continue
-    one (letters)."""
+    """Per vocabulary id: does the token begin a word of letters (``Ġ`` + letters, or a bare ``Ġ``), continue
+    one (letters), or begin with a space (any word, number or sign that starts after a space)."""
 
     starts: tuple[bool, ...]
     continues: tuple[bool, ...]
+    space_led: tuple[bool, ...] = ()
+    prefix_space: bool = False  # the tokenizer puts a space before a text, so every target begins space-led
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> WordPieces:
         """Classes of a byte-level BPE vocabulary, read from each token's text (a leading space starts a word)."""
         bytes_to_text = ByteLevel()  # the tokenizer's own decoder strips the leading space this rule needs
         special = set(tokenizer.all_special_ids)
-        starts, continues = [], []
+        starts, continues, space_led = [], [], []
         for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
             text = bytes_to_text.decode([token]) if token is not None and token_id not in special else ""
             # a bare space begins a word whose letters follow in their own pieces (small vocabularies)
             starts.append(text.startswith(" ") and (text == " " or text[1:].isalpha()))
             continues.append(text.isalpha())
-        return cls(tuple(starts), tuple(continues))
+            space_led.append(text.startswith(" "))
+        first = tokenizer("word", add_special_tokens=False)["input_ids"][:1]
+        prefix_space = bool(first) and space_led[first[0]]
+        return cls(tuple(starts), tuple(continues), tuple(space_led), prefix_space)
 
 
 class CopiedWordCompletion:
@@ -119,3 +124,26 @@ class CopiedWordCompletion:
             row[keep] = logprobs[r, keep]
             masked[r] = row
         return logprobs if masked is None else masked
+
+
+class AnswerStartsAtWord:
+    """Masks the first answer token to the pieces that begin with a space, and the specials before it.
+
+    With a tokenizer that puts a space before every text (the world's), every training answer begins with a
+    space-led piece; a copy that starts inside a passage's word ("šice" of Košice, "ers" of Algiers) never
+    does. The first answer token is chosen where a hypothesis holds only the decoder start and BOS.
+    """
+
+    def __init__(self, pieces: WordPieces, specials: tuple[int | None, ...]) -> None:
+        self.space_led = torch.tensor(pieces.space_led, dtype=torch.bool)
+        self.specials = torch.tensor(sorted({i for i in specials if i is not None}), dtype=torch.long)
+
+    def __call__(self, logprobs: Tensor, prefixes: Tensor) -> Tensor:
+        first = torch.isin(prefixes, self.specials.to(prefixes.device)).all(dim=1)
+        if not first.any():
+            return logprobs
+        allowed = torch.zeros(logprobs.shape[1], dtype=torch.bool, device=logprobs.device)
+        known = min(len(self.space_led), logprobs.shape[1])
+        allowed[:known] = self.space_led[:known].to(logprobs.device)
+        allowed[self.specials[self.specials < logprobs.shape[1]].to(logprobs.device)] = True
+        return logprobs.masked_fill(first[:, None] & ~allowed[None, :], -float("inf"))
