@@ -8,6 +8,7 @@ it is not a parameter and never enters a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +65,8 @@ def contrastive_retrieval_loss(
     """
     return contrastive_loss(question_vectors, gold_vectors, gold_rows[:, None] == gold_rows[None, :])
 
+
+log = logging.getLogger(__name__)
 
 class NonFiniteLossError(UserError, ArithmeticError):
     """The training loss became nan or inf: training stops, naming the step, with the checkpoints kept."""
@@ -375,17 +378,19 @@ class RagModule(L.LightningModule):
             self._pieces = WordPieces.from_tokenizer(self.tokenizer)
         return self._pieces
 
-    def _answer_start(self) -> WordPieces:
-        """The vocabulary's space-led pieces, for ``decoding.start_at_word``; refused for a tokenizer whose
-        targets do not all begin with one (no prefix space: BART's own)."""
+    def _answer_start(self) -> WordPieces | None:
+        """The vocabulary's space-led pieces, for ``decoding.start_at_word``; None (with a warning, once) for a
+        tokenizer that puts no space before a text (BART's own), whose answers may begin without one: the main
+        job keeps working when a user swaps in a pretrained generator."""
         pieces = self._word_pieces()
-        if not pieces.prefix_space:
-            raise ConfigError(
-                "model.decoding.start_at_word=true: the generator tokenizer puts no space before a text, so a "
-                "training answer may begin with a piece that has none and the rule would forbid it. "
-                "Fix: model.decoding.start_at_word=false (it is meant for prefix-space tokenizers like the world's)"
-            )
-        return pieces
+        if pieces.prefix_space:
+            return pieces
+        if not getattr(self, "_warned_start_at_word", False):
+            self._warned_start_at_word = True
+            log.warning("model.decoding.start_at_word=true is skipped: the generator tokenizer puts no space before "
+                        "a text, so an answer may begin with a piece that has none. Set "
+                        "model.decoding.start_at_word=false to silence this")
+        return None
 
     def generate(self, batch: dict, ret: dict | None) -> tuple[torch.Tensor, int]:
         """Answer token ids (B, L) with the mode's decoder."""
