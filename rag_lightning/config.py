@@ -441,6 +441,11 @@ class IndexConfig:
     hybrid_bm25_norm: str = "none"  # none: raw BM25 scores | max: divided by the question's best BM25 score
     bm25_dir: str = ""  # hybrid's BM25 index; "": <parent of index.dir>/<data.name>-bm25 (index=bm25's own)
 
+    @property
+    def pairs_adjacent(self) -> bool:
+        """bm25_adjacent_pairs as it takes effect: only where pairs are indexed (bm25_ngram >= 2)."""
+        return self.bm25_adjacent_pairs and self.bm25_ngram > 1
+
     def check(self, prefix: str = "index") -> None:
         _one_of(f"{prefix}.type", self.type, INDEX_TYPES)
         _one_of(f"{prefix}.device", self.device, ("cpu", "gpu"))

@@ -101,6 +101,7 @@ class RagModule(L.LightningModule):
         self._outputs: dict[str, tuple[list[str], list[list[str]]]] = {}  # per split, for corpus-level metrics
         self.tokenizer = generator_tokenizer
         self._pieces: WordPieces | None = None  # the vocabulary's word classes, built on first use
+        self._warned_start_at_word = False  # decoding.start_at_word skipped for this tokenizer: said once
         self.retriever = retriever
         self.predictions_dir = predictions_dir
         self.sample_table_size = sample_table_size
@@ -385,7 +386,7 @@ class RagModule(L.LightningModule):
         pieces = self._word_pieces()
         if pieces.prefix_space:
             return pieces
-        if not getattr(self, "_warned_start_at_word", False):
+        if not self._warned_start_at_word:
             self._warned_start_at_word = True
             log.warning("model.decoding.start_at_word=true is skipped: the generator tokenizer puts no space before "
                         "a text, so an answer may begin with a piece that has none. Set "

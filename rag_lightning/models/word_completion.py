@@ -137,13 +137,20 @@ class AnswerStartsAtWord:
     def __init__(self, pieces: WordPieces, specials: tuple[int | None, ...]) -> None:
         self.space_led = torch.tensor(pieces.space_led, dtype=torch.bool)
         self.specials = torch.tensor(sorted({i for i in specials if i is not None}), dtype=torch.long)
+        self._allowed: Tensor | None = None  # (V,) on the logits' device, built at the first call
+
+    def _allowed_first(self, vocab: int, device: torch.device) -> Tensor:
+        if self._allowed is None or self._allowed.shape[0] != vocab or self._allowed.device != device:
+            allowed = torch.zeros(vocab, dtype=torch.bool)
+            known = min(len(self.space_led), vocab)
+            allowed[:known] = self.space_led[:known]
+            allowed[self.specials[self.specials < vocab]] = True
+            self._allowed = allowed.to(device)
+        return self._allowed
 
     def __call__(self, logprobs: Tensor, prefixes: Tensor) -> Tensor:
         first = torch.isin(prefixes, self.specials.to(prefixes.device)).all(dim=1)
         if not first.any():
             return logprobs
-        allowed = torch.zeros(logprobs.shape[1], dtype=torch.bool, device=logprobs.device)
-        known = min(len(self.space_led), logprobs.shape[1])
-        allowed[:known] = self.space_led[:known].to(logprobs.device)
-        allowed[self.specials[self.specials < logprobs.shape[1]].to(logprobs.device)] = True
+        allowed = self._allowed_first(logprobs.shape[1], logprobs.device)
         return logprobs.masked_fill(first[:, None] & ~allowed[None, :], -float("inf"))

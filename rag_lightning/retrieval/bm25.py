@@ -117,7 +117,7 @@ def bm25_expectation(store: CorpusStore, cfg: IndexConfig) -> dict[str, Any]:
         **({"ngram": int(cfg.bm25_ngram)} if cfg.bm25_ngram != 1 else {}),
         **({"min_word_chars": int(cfg.bm25_min_word_chars)} if cfg.bm25_min_word_chars != 2 else {}),
         **({"whole_numbers": True} if cfg.bm25_whole_numbers else {}),
-        **({"adjacent_pairs": True} if cfg.bm25_adjacent_pairs and cfg.bm25_ngram > 1 else {}),
+        **({"adjacent_pairs": True} if cfg.pairs_adjacent else {}),
     }
 
 

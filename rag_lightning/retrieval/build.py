@@ -260,7 +260,7 @@ def bm25_dir(spec: RetrievalSpec) -> Path:
         name += f"-chars{spec.index.bm25_min_word_chars}"
     if spec.index.bm25_whole_numbers:
         name += "-wholenum"
-    if spec.index.bm25_adjacent_pairs and spec.index.bm25_ngram > 1:
+    if spec.index.pairs_adjacent:
         name += "-adjacent"
     return Path(spec.index.dir).parent / name
 
