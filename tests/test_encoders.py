@@ -82,7 +82,7 @@ def test_path_kind_loads_a_saved_encoder(tmp_path: Path, batch: dict[str, torch.
     loaded = build_context_encoder(cfg)
     assert encoder_fingerprint(loaded) == encoder_fingerprint(tiny)
     assert load_encoder_tokenizer(cfg, "context").vocab_size == 30522
-    with pytest.raises(FileNotFoundError, match="question_name_or_path"):
+    with pytest.raises(FileNotFoundError, match=r"question_name_or_path.*Fix: .*rag-train-retriever"):
         build_question_encoder(QuestionEncoderConfig(kind="path", question_name_or_path=str(tmp_path / "nope")))
 
 

@@ -98,7 +98,9 @@ def _name_or_path(cfg: QuestionEncoderConfig, which: Which) -> str:
         raise ConfigError(f"model.question_encoder.{which}_name_or_path is required for kind={cfg.kind}")
     if cfg.kind == "path" and not Path(name).is_dir():
         raise FileNotFoundError(
-            f"model.question_encoder.{which}_name_or_path={name} is not a directory saved by save_pretrained"
+            f"model.question_encoder.{which}_name_or_path={name} is not a directory saved by save_pretrained. "
+            "Fix: train and export the encoders first (rag-train-retriever experiment=world_dpr writes "
+            "<export_dir>/question_encoder and <export_dir>/context_encoder), or point the key at such a directory"
         )
     return name
 
