@@ -93,6 +93,23 @@ def test_config_group_options_compose(group, key, value):
     assert OmegaConf.select(cfg, key) == value
 
 
+def test_each_trained_retriever_gets_its_own_vectors_and_index(tmp_path):
+    """Two DPR stages' encoders (a sweep, a hot-swap per seed) keep an index each instead of rebuilding one."""
+    def dirs(export: Path, *more: str) -> tuple[str, str, str]:
+        cfg = _compose("train", "model/question_encoder=path", f"paths.cache_dir={tmp_path}",
+                       f"model.question_encoder.question_name_or_path={export}/question_encoder",
+                       f"model.question_encoder.context_name_or_path={export}/context_encoder", *more)
+        return cfg.index.store_dir, cfg.index.vectors_dir, cfg.index.dir
+
+    first, second = dirs(tmp_path / "dpr_s1"), dirs(tmp_path / "dpr_s2")
+    assert first[0] == second[0] == f"{tmp_path}/stores/world-path-ctx256"  # one tokenised store for both
+    assert first[1] != second[1] and first[2] != second[2]
+    assert Path(first[2]).name.startswith("world-path-") and Path(first[2]).name.endswith("-flat")
+    assert dirs(tmp_path / "dpr_s1") == first  # the same encoders find the same index again
+    plain = _compose("train", f"paths.cache_dir={tmp_path}")
+    assert (plain.index.vectors_dir, plain.index.dir) == (f"{tmp_path}/vectors/world-minilm", f"{tmp_path}/indexes/world-minilm-flat")
+
+
 def test_wandb_offline_run_holds_logged_metrics(tmp_path, tiny_train_config):
     from rag_lightning.pipeline import train
 

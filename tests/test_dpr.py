@@ -217,7 +217,8 @@ def test_exported_encoders_serve_rag_index_and_an_index_of_another_encoder_is_re
     data = retriever_overrides(tmp_path, tiny_world)[:8]
     built = cli("rag-index", *data, *path_encoder, "index.progress=false")
     assert built.code == 0, built.output[-3000:]
-    index_dir = tmp_path / "cache" / "indexes" / "jsonl-path-flat"
+    # the index is named after the encoders' path (resolvers._encoder_tag): one per trained retriever
+    [index_dir] = (tmp_path / "cache" / "indexes").glob("jsonl-path-????????-flat")
     manifest = json.loads((index_dir / "index_manifest.json").read_text())
     trained = build_context_encoder(QuestionEncoderConfig(kind="path", question_name_or_path=str(export / "question_encoder"),
                                                           context_name_or_path=str(export / "context_encoder")))
