@@ -16,7 +16,7 @@ def _first_set(*values):
     return next((v for v in values if v not in (None, "")), None)
 
 
-def _encoder_tag(kind: str, context: str | None = None, question: str | None = None) -> str:
+def _encoder_tag(encoder) -> str:
     """The encoder part of the vectors' and index's directory names: the kind, and for encoders loaded from a
     path or name, 8 hex digits of where the context side comes from.
 
@@ -24,7 +24,8 @@ def _encoder_tag(kind: str, context: str | None = None, question: str | None = N
     instead of rebuilding a shared ``<data>-path`` one in turn; the manifest still decides whether what a
     directory holds fits the weights.
     """
-    source = _first_set(context, question)
+    kind = encoder.get("kind")
+    source = _first_set(encoder.get("context_name_or_path"), encoder.get("question_name_or_path"))
     if kind not in _NAMED_KINDS or source is None:
         return kind
     where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else str(source)
